@@ -1,0 +1,716 @@
+//! Failure policies: when does a closed breaker open?
+//!
+//! A policy sees every recorded call made while the breaker is `Closed` and answers whether the
+//! breaker should open now. Policies keep their counters in atomics so that many threads record
+//! without a lock; they are reset when the breaker closes.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::clock::nanos;
+use crate::error::{BuildError, percent};
+
+/// One finished call, as a policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// The classifier said failure.
+    pub failure: bool,
+    /// How long the call took, in nanoseconds (0 unless a policy [needs the clock](FailurePolicy::needs_clock)).
+    pub elapsed_nanos: u64,
+    /// When it finished, in the breaker clock's nanoseconds (0 unless a policy needs the clock).
+    pub now_nanos: u64,
+}
+
+/// The counts a policy currently judges, for [`Stats`](crate::Stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Calls in the window.
+    pub calls: u64,
+    /// Failed calls in the window.
+    pub failures: u64,
+    /// Slow calls in the window.
+    pub slow_calls: u64,
+    /// Failures in a row (for [`ConsecutiveFailures`]).
+    pub consecutive_failures: u64,
+}
+
+/// Decides when a closed breaker opens.
+///
+/// Implementations: [`ConsecutiveFailures`], [`CountWindow`], [`TimeWindow`] (both with
+/// optional slow-call rates and a minimum number of calls), combined with [`FailurePolicy::or`].
+///
+/// ```
+/// use stanchion_breaker::{ConsecutiveFailures, FailurePolicy, Record};
+/// let policy = ConsecutiveFailures::new(2)?;
+/// let failure = Record { failure: true, elapsed_nanos: 0, now_nanos: 0 };
+/// assert!(!policy.record(&failure));
+/// assert!(policy.record(&failure)); // second in a row: open
+/// fn _object_safe(_: &dyn FailurePolicy) {}
+/// # Ok::<(), stanchion_breaker::BuildError>(())
+/// ```
+pub trait FailurePolicy: Send + Sync + fmt::Debug + 'static {
+    /// Records a call made while closed; `true` means the breaker should open now.
+    fn record(&self, record: &Record) -> bool;
+    /// Forgets everything (called when the breaker closes).
+    fn reset(&self);
+    /// Whether [`Record::now_nanos`] and [`Record::elapsed_nanos`] must be filled in. When no
+    /// policy needs them, the breaker reads no clock on the closed path.
+    fn needs_clock(&self) -> bool {
+        false
+    }
+    /// The counts being judged.
+    fn counts(&self) -> WindowCounts {
+        WindowCounts::default()
+    }
+    /// Opens when either policy says so. Both see every call.
+    fn or<B: FailurePolicy>(self, other: B) -> Or<Self, B>
+    where
+        Self: Sized,
+    {
+        Or { a: self, b: other }
+    }
+}
+
+impl FailurePolicy for Box<dyn FailurePolicy> {
+    fn record(&self, record: &Record) -> bool {
+        (**self).record(record)
+    }
+    fn reset(&self) {
+        (**self).reset();
+    }
+    fn needs_clock(&self) -> bool {
+        (**self).needs_clock()
+    }
+    fn counts(&self) -> WindowCounts {
+        (**self).counts()
+    }
+}
+
+/// Two policies combined: opens when either does. Made by [`FailurePolicy::or`].
+#[derive(Debug)]
+pub struct Or<A, B> {
+    a: A,
+    b: B,
+}
+
+impl<A: FailurePolicy, B: FailurePolicy> FailurePolicy for Or<A, B> {
+    fn record(&self, record: &Record) -> bool {
+        let a = self.a.record(record);
+        let b = self.b.record(record);
+        a || b
+    }
+    fn reset(&self) {
+        self.a.reset();
+        self.b.reset();
+    }
+    fn needs_clock(&self) -> bool {
+        self.a.needs_clock() || self.b.needs_clock()
+    }
+    fn counts(&self) -> WindowCounts {
+        let (a, b) = (self.a.counts(), self.b.counts());
+        WindowCounts {
+            calls: a.calls.max(b.calls),
+            failures: a.failures.max(b.failures),
+            slow_calls: a.slow_calls.max(b.slow_calls),
+            consecutive_failures: a.consecutive_failures.max(b.consecutive_failures),
+        }
+    }
+}
+
+/// Opens after `threshold` failures in a row (gobreaker's default `ReadyToTrip` and failsafe's
+/// `consecutive_failures`). A success resets the count.
+///
+/// ```
+/// use stanchion_breaker::ConsecutiveFailures;
+/// assert!(ConsecutiveFailures::new(5).is_ok());
+/// assert_eq!(ConsecutiveFailures::new(0).unwrap_err().field(), "consecutive_failures");
+/// ```
+#[derive(Debug)]
+pub struct ConsecutiveFailures {
+    threshold: u32,
+    count: AtomicU32,
+}
+
+impl ConsecutiveFailures {
+    /// Opens on the `threshold`-th failure in a row; `threshold` must be at least 1.
+    pub fn new(threshold: u32) -> Result<Self, BuildError> {
+        if threshold == 0 {
+            return Err(BuildError::new(
+                "consecutive_failures",
+                "at least 1",
+                threshold,
+            ));
+        }
+        Ok(Self {
+            threshold,
+            count: AtomicU32::new(0),
+        })
+    }
+}
+
+impl FailurePolicy for ConsecutiveFailures {
+    #[inline]
+    fn record(&self, record: &Record) -> bool {
+        if record.failure {
+            self.count.fetch_add(1, Relaxed).saturating_add(1) >= self.threshold
+        } else {
+            // Read first: a success after a success writes nothing (no cache-line ping-pong).
+            if self.count.load(Relaxed) != 0 {
+                self.count.store(0, Relaxed);
+            }
+            false
+        }
+    }
+    fn reset(&self) {
+        self.count.store(0, Relaxed);
+    }
+    fn counts(&self) -> WindowCounts {
+        WindowCounts {
+            consecutive_failures: u64::from(self.count.load(Relaxed)),
+            ..WindowCounts::default()
+        }
+    }
+}
+
+/// Rate thresholds shared by the two windows.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    minimum_calls: u32,
+    failure_bp: Option<u32>,
+    slow_bp: Option<u32>,
+    slow_nanos: u64,
+}
+
+impl Rates {
+    fn validate(
+        minimum_calls: u32,
+        failure_rate: Option<f64>,
+        slow: Option<(Duration, f64)>,
+    ) -> Result<Self, BuildError> {
+        if minimum_calls == 0 {
+            return Err(BuildError::new("minimum_calls", "at least 1", 0));
+        }
+        let failure_bp = failure_rate
+            .map(|r| percent("failure_rate", r))
+            .transpose()?;
+        let (slow_bp, slow_nanos) = match slow {
+            Some((duration, rate)) => {
+                if duration.is_zero() {
+                    return Err(BuildError::new(
+                        "slow_call_duration",
+                        "greater than zero",
+                        "0s",
+                    ));
+                }
+                (Some(percent("slow_call_rate", rate)?), nanos(duration))
+            }
+            None => (None, u64::MAX),
+        };
+        if failure_bp.is_none() && slow_bp.is_none() {
+            return Err(BuildError::new(
+                "failure_rate",
+                "set (or a slow-call rate set), otherwise the window never opens",
+                "neither",
+            ));
+        }
+        Ok(Self {
+            minimum_calls,
+            failure_bp,
+            slow_bp,
+            slow_nanos,
+        })
+    }
+
+    #[inline]
+    fn exceeded(&self, calls: i64, failures: i64, slow: i64) -> bool {
+        if calls < i64::from(self.minimum_calls) || calls <= 0 {
+            return false;
+        }
+        let over = |count: i64, bp: Option<u32>| {
+            bp.is_some_and(|bp| count.saturating_mul(10_000) >= i64::from(bp) * calls)
+        };
+        over(failures, self.failure_bp) || over(slow, self.slow_bp)
+    }
+}
+
+/// Settings for a [`CountWindow`] or [`TimeWindow`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct WindowBuilder<W> {
+    size: u64,
+    minimum_calls: Option<u32>,
+    failure_rate: Option<f64>,
+    slow: Option<(Duration, f64)>,
+    _kind: std::marker::PhantomData<fn() -> W>,
+}
+
+impl<W> WindowBuilder<W> {
+    fn new(size: u64) -> Self {
+        Self {
+            size,
+            minimum_calls: None,
+            failure_rate: Some(50.0),
+            slow: None,
+            _kind: std::marker::PhantomData,
+        }
+    }
+
+    /// Opens when at least this percentage of the window's calls failed (default 50).
+    pub fn failure_rate(mut self, percent: f64) -> Self {
+        self.failure_rate = Some(percent);
+        self
+    }
+
+    /// Judges only the slow-call rate, not failures.
+    pub fn no_failure_rate(mut self) -> Self {
+        self.failure_rate = None;
+        self
+    }
+
+    /// Opens when at least `percent` of the window's calls took `duration` or longer
+    /// (slow-call detection; turns on clock reads on the closed path).
+    pub fn slow_call_rate(mut self, duration: Duration, percent: f64) -> Self {
+        self.slow = Some((duration, percent));
+        self
+    }
+
+    /// No rate is judged before the window holds this many calls (default: the count window's
+    /// size, or 100 for a time window).
+    pub fn minimum_calls(mut self, calls: u32) -> Self {
+        self.minimum_calls = Some(calls);
+        self
+    }
+}
+
+const OCCUPIED: u8 = 0b100;
+const FAILED: u8 = 0b001;
+const SLOW: u8 = 0b010;
+/// Largest count window: counts fit comfortably in the slot and aggregate arithmetic.
+pub const MAX_COUNT_WINDOW: u32 = 1 << 20;
+
+/// Failure (and slow-call) rate over the last `size` calls, lock-free: a ring of one-byte slots
+/// and two running totals, so each call costs one `fetch_add` and one `swap` (plus a counter
+/// update only when the outcome replaced in the ring differs) and the snapshot is O(1).
+///
+/// ```
+/// use std::time::Duration;
+/// use stanchion_breaker::CountWindow;
+/// let window = CountWindow::builder(100)
+///     .failure_rate(50.0)
+///     .slow_call_rate(Duration::from_secs(2), 80.0)
+///     .minimum_calls(20)
+///     .build()?;
+/// # Ok::<(), stanchion_breaker::BuildError>(())
+/// ```
+pub struct CountWindow {
+    rates: Rates,
+    size: u32,
+    next: AtomicU64,
+    slots: Box<[AtomicU8]>,
+    failures: AtomicI64,
+    slow: AtomicI64,
+}
+
+impl fmt::Debug for CountWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountWindow")
+            .field("size", &self.size)
+            .field("rates", &self.rates)
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+impl CountWindow {
+    /// A window over the last `size` calls (1 to [`MAX_COUNT_WINDOW`]).
+    pub fn builder(size: u32) -> WindowBuilder<CountWindow> {
+        WindowBuilder::new(u64::from(size))
+    }
+}
+
+impl WindowBuilder<CountWindow> {
+    /// Validates the settings.
+    pub fn build(self) -> Result<CountWindow, BuildError> {
+        let size = u32::try_from(self.size).unwrap_or(u32::MAX);
+        if size == 0 || size > MAX_COUNT_WINDOW {
+            return Err(BuildError::new(
+                "window_size",
+                "between 1 and 1048576 calls",
+                self.size,
+            ));
+        }
+        let minimum_calls = self.minimum_calls.unwrap_or(size);
+        if minimum_calls > size {
+            return Err(BuildError::new(
+                "minimum_calls",
+                "at most the window size",
+                minimum_calls,
+            ));
+        }
+        let rates = Rates::validate(minimum_calls, self.failure_rate, self.slow)?;
+        Ok(CountWindow {
+            rates,
+            size,
+            next: AtomicU64::new(0),
+            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        })
+    }
+}
+
+impl FailurePolicy for CountWindow {
+    #[inline]
+    fn record(&self, record: &Record) -> bool {
+        let slow = record.elapsed_nanos >= self.rates.slow_nanos;
+        let new = OCCUPIED | if record.failure { FAILED } else { 0 } | if slow { SLOW } else { 0 };
+        let index = self.next.fetch_add(1, Relaxed);
+        let slot = (index % u64::from(self.size)) as usize;
+        let old = self.slots[slot].swap(new, Relaxed);
+        let changed = old ^ new;
+        if changed & FAILED != 0 {
+            self.failures
+                .fetch_add(if record.failure { 1 } else { -1 }, Relaxed);
+        }
+        if changed & SLOW != 0 {
+            self.slow.fetch_add(if slow { 1 } else { -1 }, Relaxed);
+        }
+        if !record.failure && !slow {
+            // A fast success can only lower the rates.
+            return false;
+        }
+        let calls = (index + 1).min(u64::from(self.size)) as i64;
+        self.rates
+            .exceeded(calls, self.failures.load(Relaxed), self.slow.load(Relaxed))
+    }
+
+    fn reset(&self) {
+        for slot in self.slots.iter() {
+            slot.store(0, Relaxed);
+        }
+        self.failures.store(0, Relaxed);
+        self.slow.store(0, Relaxed);
+        self.next.store(0, Relaxed);
+    }
+
+    fn needs_clock(&self) -> bool {
+        self.rates.slow_bp.is_some()
+    }
+
+    fn counts(&self) -> WindowCounts {
+        WindowCounts {
+            calls: self.next.load(Relaxed).min(u64::from(self.size)),
+            failures: self.failures.load(Relaxed).max(0) as u64,
+            slow_calls: self.slow.load(Relaxed).max(0) as u64,
+            consecutive_failures: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    calls: AtomicI64,
+    failures: AtomicI64,
+    slow: AtomicI64,
+}
+
+/// Failure (and slow-call) rate over the last N whole seconds, in per-second buckets with running
+/// totals: recording is a few atomic adds, the snapshot is O(1), and buckets that age out are
+/// cleared under a lock taken at most once per second.
+///
+/// ```
+/// use std::time::Duration;
+/// use stanchion_breaker::TimeWindow;
+/// let window = TimeWindow::builder(Duration::from_secs(10))
+///     .failure_rate(25.0)
+///     .minimum_calls(50)
+///     .build()?;
+/// # Ok::<(), stanchion_breaker::BuildError>(())
+/// ```
+pub struct TimeWindow {
+    rates: Rates,
+    head: AtomicU64,
+    buckets: Box<[Bucket]>,
+    totals: Bucket,
+    rotate: Mutex<()>,
+}
+
+impl fmt::Debug for TimeWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TimeWindow")
+            .field("seconds", &self.buckets.len())
+            .field("rates", &self.rates)
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+/// Longest time window, in seconds.
+pub const MAX_TIME_WINDOW_SECS: u64 = 3600;
+
+impl TimeWindow {
+    /// A window over the last `length` (whole seconds, 1 s to one hour).
+    pub fn builder(length: Duration) -> WindowBuilder<TimeWindow> {
+        // Sub-second remainders are rejected by `build`, not rounded away.
+        let size = if length.subsec_nanos() == 0 {
+            length.as_secs()
+        } else {
+            u64::MAX
+        };
+        WindowBuilder::new(size)
+    }
+
+    fn advance(&self, second: u64) {
+        let Ok(_guard) = self.rotate.lock() else {
+            return;
+        };
+        let head = self.head.load(Relaxed);
+        if second <= head {
+            return;
+        }
+        let len = self.buckets.len() as u64;
+        let from = if second - head >= len {
+            second + 1 - len
+        } else {
+            head + 1
+        };
+        for s in from..=second {
+            let bucket = &self.buckets[(s % len) as usize];
+            self.totals
+                .calls
+                .fetch_sub(bucket.calls.swap(0, Relaxed), Relaxed);
+            self.totals
+                .failures
+                .fetch_sub(bucket.failures.swap(0, Relaxed), Relaxed);
+            self.totals
+                .slow
+                .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
+        }
+        self.head.store(second, Relaxed);
+    }
+}
+
+impl WindowBuilder<TimeWindow> {
+    /// Validates the settings.
+    pub fn build(self) -> Result<TimeWindow, BuildError> {
+        if self.size == 0 || self.size > MAX_TIME_WINDOW_SECS {
+            return Err(BuildError::new(
+                "window_duration",
+                "whole seconds between 1 s and 3600 s",
+                if self.size == u64::MAX {
+                    "a fraction of a second".to_owned()
+                } else {
+                    format!("{}s", self.size)
+                },
+            ));
+        }
+        let rates = Rates::validate(
+            self.minimum_calls.unwrap_or(100),
+            self.failure_rate,
+            self.slow,
+        )?;
+        Ok(TimeWindow {
+            rates,
+            head: AtomicU64::new(0),
+            buckets: (0..self.size).map(|_| Bucket::default()).collect(),
+            totals: Bucket::default(),
+            rotate: Mutex::new(()),
+        })
+    }
+}
+
+impl FailurePolicy for TimeWindow {
+    #[inline]
+    fn record(&self, record: &Record) -> bool {
+        let second = record.now_nanos / 1_000_000_000;
+        let mut head = self.head.load(Relaxed);
+        if second > head {
+            self.advance(second);
+            head = self.head.load(Relaxed);
+        }
+        let len = self.buckets.len() as u64;
+        // A call that finished in a second already aged out (a very late thread) counts now.
+        let second = if second + len <= head {
+            head
+        } else {
+            second.min(head)
+        };
+        let bucket = &self.buckets[(second % len) as usize];
+        let slow = record.elapsed_nanos >= self.rates.slow_nanos;
+        bucket.calls.fetch_add(1, Relaxed);
+        self.totals.calls.fetch_add(1, Relaxed);
+        if record.failure {
+            bucket.failures.fetch_add(1, Relaxed);
+            self.totals.failures.fetch_add(1, Relaxed);
+        }
+        if slow {
+            bucket.slow.fetch_add(1, Relaxed);
+            self.totals.slow.fetch_add(1, Relaxed);
+        }
+        if !record.failure && !slow {
+            return false;
+        }
+        self.rates.exceeded(
+            self.totals.calls.load(Relaxed),
+            self.totals.failures.load(Relaxed),
+            self.totals.slow.load(Relaxed),
+        )
+    }
+
+    fn reset(&self) {
+        let Ok(_guard) = self.rotate.lock() else {
+            return;
+        };
+        for bucket in self.buckets.iter().chain(std::iter::once(&self.totals)) {
+            bucket.calls.store(0, Relaxed);
+            bucket.failures.store(0, Relaxed);
+            bucket.slow.store(0, Relaxed);
+        }
+    }
+
+    fn needs_clock(&self) -> bool {
+        true
+    }
+
+    fn counts(&self) -> WindowCounts {
+        WindowCounts {
+            calls: self.totals.calls.load(Relaxed).max(0) as u64,
+            failures: self.totals.failures.load(Relaxed).max(0) as u64,
+            slow_calls: self.totals.slow.load(Relaxed).max(0) as u64,
+            consecutive_failures: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(failure: bool, elapsed_ms: u64, now_s: u64) -> Record {
+        Record {
+            failure,
+            elapsed_nanos: elapsed_ms * 1_000_000,
+            now_nanos: now_s * 1_000_000_000,
+        }
+    }
+
+    #[test]
+    fn count_window_waits_for_minimum_calls_then_judges_the_rate() {
+        let w = CountWindow::builder(10)
+            .failure_rate(50.0)
+            .minimum_calls(4)
+            .build()
+            .unwrap();
+        assert!(!w.record(&rec(true, 0, 0)));
+        assert!(!w.record(&rec(true, 0, 0)));
+        assert!(!w.record(&rec(false, 0, 0)));
+        // 3 of 4 failed: 75 % >= 50 %.
+        assert!(w.record(&rec(true, 0, 0)));
+    }
+
+    #[test]
+    fn count_window_forgets_calls_that_slide_out() {
+        let w = CountWindow::builder(4).failure_rate(50.0).build().unwrap();
+        for _ in 0..4 {
+            w.record(&rec(false, 0, 0));
+        }
+        assert!(!w.record(&rec(true, 0, 0))); // 1 of 4
+        assert_eq!(w.counts().failures, 1);
+        for _ in 0..4 {
+            w.record(&rec(false, 0, 0));
+        }
+        assert_eq!(w.counts().failures, 0);
+        assert_eq!(w.counts().calls, 4);
+    }
+
+    #[test]
+    fn slow_calls_open_a_window_on_their_own() {
+        let w = CountWindow::builder(4)
+            .no_failure_rate()
+            .slow_call_rate(Duration::from_millis(100), 50.0)
+            .build()
+            .unwrap();
+        assert!(w.needs_clock());
+        assert!(!w.record(&rec(false, 150, 0)));
+        assert!(!w.record(&rec(false, 10, 0)));
+        assert!(!w.record(&rec(false, 10, 0)));
+        assert!(w.record(&rec(false, 150, 0)));
+        assert_eq!(w.counts().slow_calls, 2);
+    }
+
+    #[test]
+    fn time_window_ages_out_whole_seconds() {
+        let w = TimeWindow::builder(Duration::from_secs(2))
+            .failure_rate(50.0)
+            .minimum_calls(2)
+            .build()
+            .unwrap();
+        assert!(!w.record(&rec(true, 0, 100)));
+        assert_eq!(w.counts().calls, 1);
+        // Three seconds later the failure has aged out.
+        assert!(!w.record(&rec(false, 0, 103)));
+        assert_eq!(
+            w.counts(),
+            WindowCounts {
+                calls: 1,
+                ..Default::default()
+            }
+        );
+        assert!(w.record(&rec(true, 0, 103)));
+        assert!(!w.record(&rec(false, 0, 104)));
+        assert_eq!(w.counts().calls, 3);
+    }
+
+    #[test]
+    fn bad_settings_name_their_field() {
+        let field = |r: Result<CountWindow, BuildError>| r.unwrap_err().field();
+        assert_eq!(field(CountWindow::builder(0).build()), "window_size");
+        assert_eq!(
+            field(CountWindow::builder(10).failure_rate(101.0).build()),
+            "failure_rate"
+        );
+        assert_eq!(
+            field(CountWindow::builder(10).failure_rate(f64::NAN).build()),
+            "failure_rate"
+        );
+        assert_eq!(
+            field(CountWindow::builder(10).failure_rate(0.0).build()),
+            "failure_rate"
+        );
+        assert_eq!(
+            field(CountWindow::builder(10).minimum_calls(11).build()),
+            "minimum_calls"
+        );
+        assert_eq!(
+            field(CountWindow::builder(10).minimum_calls(0).build()),
+            "minimum_calls"
+        );
+        assert_eq!(
+            field(
+                CountWindow::builder(10)
+                    .slow_call_rate(Duration::ZERO, 50.0)
+                    .build()
+            ),
+            "slow_call_duration"
+        );
+        assert_eq!(
+            field(CountWindow::builder(10).no_failure_rate().build()),
+            "failure_rate"
+        );
+        let t = |d| TimeWindow::builder(d).build().unwrap_err().field();
+        assert_eq!(t(Duration::ZERO), "window_duration");
+        assert_eq!(t(Duration::from_millis(1500)), "window_duration");
+        assert_eq!(t(Duration::from_secs(7200)), "window_duration");
+    }
+
+    #[test]
+    fn or_opens_when_either_opens() {
+        let p = ConsecutiveFailures::new(3)
+            .unwrap()
+            .or(CountWindow::builder(2).failure_rate(100.0).build().unwrap());
+        assert!(!p.record(&rec(true, 0, 0)));
+        assert!(p.record(&rec(true, 0, 0))); // the window of 2 is all failures
+    }
+}

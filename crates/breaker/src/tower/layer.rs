@@ -1,0 +1,109 @@
+//! The layers.
+
+use std::sync::Arc;
+
+use super::{BulkheadService, CircuitBreakerService};
+use crate::breaker::CircuitBreaker;
+use crate::bulkhead::Bulkhead;
+use crate::classify::DefaultClassifier;
+use crate::clock::{Clock, CoarseClock};
+use crate::policy::{CountWindow, FailurePolicy};
+
+/// Wraps services in a [`CircuitBreakerService`]; every service it makes shares the breaker.
+///
+/// ```
+/// use stanchion_breaker::{CircuitBreaker, CircuitBreakerLayer, Outcome};
+/// let breaker = CircuitBreaker::builder().name("search").build()?;
+/// // 404 is an answer, not an outage: classify by response.
+/// let layer = CircuitBreakerLayer::new(breaker).classifier(|r: &Result<u16, std::io::Error>| match r {
+///     Ok(s) if *s >= 500 => Outcome::Failure,
+///     Ok(_) => Outcome::Success,
+///     Err(_) => Outcome::Failure,
+/// });
+/// # let _ = layer;
+/// # Ok::<(), stanchion_breaker::BuildError>(())
+/// ```
+pub struct CircuitBreakerLayer<P = CountWindow, C = CoarseClock, K = DefaultClassifier> {
+    breaker: CircuitBreaker<P, C>,
+    classifier: Arc<K>,
+}
+
+impl<P, C, K> Clone for CircuitBreakerLayer<P, C, K> {
+    fn clone(&self) -> Self {
+        Self {
+            breaker: self.breaker.clone(),
+            classifier: Arc::clone(&self.classifier),
+        }
+    }
+}
+
+impl<P: FailurePolicy, C: Clock> CircuitBreakerLayer<P, C> {
+    /// A layer over `breaker`, classifying `Ok` as success and `Err` as failure.
+    pub fn new(breaker: CircuitBreaker<P, C>) -> Self {
+        Self {
+            breaker,
+            classifier: Arc::new(DefaultClassifier),
+        }
+    }
+}
+
+impl<P: FailurePolicy, C: Clock, K> CircuitBreakerLayer<P, C, K> {
+    /// Classifies responses and errors with `classifier`.
+    pub fn classifier<L>(self, classifier: L) -> CircuitBreakerLayer<P, C, L> {
+        CircuitBreakerLayer {
+            breaker: self.breaker,
+            classifier: Arc::new(classifier),
+        }
+    }
+}
+
+impl<S, P, C, K> tower::Layer<S> for CircuitBreakerLayer<P, C, K> {
+    type Service = CircuitBreakerService<S, P, C, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreakerService {
+            inner,
+            breaker: self.breaker.clone(),
+            classifier: Arc::clone(&self.classifier),
+        }
+    }
+}
+
+/// Wraps services in a [`BulkheadService`]; every service it makes shares the limit.
+///
+/// ```
+/// use stanchion_breaker::{Bulkhead, BulkheadLayer};
+/// let layer = BulkheadLayer::new(&Bulkhead::builder().max_concurrent(32).build()?);
+/// # let _ = layer;
+/// # Ok::<(), stanchion_breaker::BuildError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BulkheadLayer {
+    bulkhead: Bulkhead,
+}
+
+impl BulkheadLayer {
+    /// A layer sharing `bulkhead`'s slots (its wait setting does not apply: the layer refuses at
+    /// once).
+    pub fn new(bulkhead: &Bulkhead) -> Self {
+        Self {
+            bulkhead: bulkhead.clone(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BulkheadService::new(inner, &self.bulkhead)
+    }
+}
+
+impl<P: FailurePolicy, C: Clock, K> std::fmt::Debug for CircuitBreakerLayer<P, C, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
