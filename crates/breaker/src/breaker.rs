@@ -875,9 +875,13 @@ fn record_and_schedule<P: FailurePolicy, C: Clock>(
     ticket: Ticket,
     outcome: Outcome,
 ) {
+    if !inner.automatic_half_open {
+        inner.record(ticket, outcome);
+        return;
+    }
     let before = inner.transitions.load(Ordering::Relaxed);
     inner.record(ticket, outcome);
-    if inner.automatic_half_open && inner.transitions.load(Ordering::Relaxed) != before {
+    if inner.transitions.load(Ordering::Relaxed) != before {
         let w = inner.word.load(Ordering::Acquire);
         if word_state(w) == State::Open {
             let until = inner.open_until.load(Ordering::Acquire);

@@ -1,7 +1,51 @@
-#![doc = "Circuit breaker, retry, timeout and bulkhead."]
+//! Circuit breaker, retry, timeout and bulkhead, for protecting calls to a payment service, a
+//! search service, Redis or a database replica.
 //!
-//! See the crate README for concepts, the settings mapping from resilience4j and gobreaker, and
-//! the measured figures.
+//! # Quick example
+//! ```
+//! use std::time::Duration;
+//! use stanchion_breaker::{Bulkhead, CircuitBreaker, ConsecutiveFailures, Pipeline, Retry, Timeout};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let search = Pipeline::new()
+//!     .bulkhead(Bulkhead::builder().max_concurrent(100).build()?)
+//!     .breaker(CircuitBreaker::builder().name("search").policy(ConsecutiveFailures::new(5)?).build()?)
+//!     .retry(Retry::builder().max_attempts(2).build()?)
+//!     .timeout(Timeout::new(Duration::from_millis(300))?);
+//! let hits = search.call(|| async { Ok::<_, std::io::Error>(vec!["tea"]) }).await?;
+//! assert_eq!(hits, ["tea"]);
+//! # Ok(()) }
+//! ```
+//!
+//! # Concepts
+//! - [`CircuitBreaker`] (default policy [`CountWindow`], default clock [`CoarseClock`]) with
+//!   the states of [`State`]. Its hot path in `Closed` is one atomic load before the call, one
+//!   after, and the policy's atomic update: no lock, no allocation, no clock read unless the
+//!   policy needs time.
+//! - [`FailurePolicy`]: [`ConsecutiveFailures`], [`CountWindow`], [`TimeWindow`], combined with
+//!   [`FailurePolicy::or`].
+//! - [`Classifier`] (default [`DefaultClassifier`]): success, failure or ignored.
+//! - [`Clock`]: [`CoarseClock`], [`MonotonicClock`], [`ManualClock`].
+//! - [`OnEvent`] hooks, [`Stats`], [`Registry`].
+//! - [`Retry`] with [`RetryClassifier`] and [`RetryBudget`]; [`Timeout`]; [`Bulkhead`].
+//! - [`Pipeline`] applies them as `bulkhead(breaker(retry(timeout(call))))`.
+//!
+//! # Feature flags
+//! | feature | what |
+//! |---|---|
+//! | `tower` | `CircuitBreakerLayer` and `BulkheadLayer` |
+//! | `metrics` | `breaker.transitions` and `breaker.rejected` counters through the `metrics` facade |
+//!
+//! # Observability
+//! `tracing` events with the fields `breaker.name`, `breaker.state`, `breaker.from`,
+//! `breaker.open_wait_ms`, `retry.attempt`, `retry.delay_ms`; see the README for the list.
+//!
+//! # MSRV
+//! Rust 1.94.
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 mod breaker;
 mod classify;

@@ -307,6 +307,8 @@ pub const MAX_COUNT_WINDOW: u32 = 1 << 20;
 pub struct CountWindow {
     rates: Rates,
     size: u32,
+    /// Lemire's fast-modulo constant for `size`: a slot index without a division.
+    fastmod: u64,
     next: AtomicU64,
     slots: Box<[AtomicU8]>,
     failures: AtomicI64,
@@ -353,11 +355,24 @@ impl WindowBuilder<CountWindow> {
         Ok(CountWindow {
             rates,
             size,
+            fastmod: (u64::MAX / u64::from(size)).wrapping_add(1),
             next: AtomicU64::new(0),
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             failures: AtomicI64::new(0),
             slow: AtomicI64::new(0),
         })
+    }
+}
+
+impl CountWindow {
+    /// `index mod size` for the low 32 bits of `index` (the ring's start moves once every 2^32
+    /// calls, which only shifts which slot is overwritten next).
+    #[inline]
+    fn slot(&self, index: u64) -> usize {
+        let low = index & u64::from(u32::MAX);
+        let slot =
+            ((u128::from(self.fastmod.wrapping_mul(low)) * u128::from(self.size)) >> 64) as usize;
+        slot.min(self.slots.len() - 1)
     }
 }
 
@@ -367,15 +382,20 @@ impl FailurePolicy for CountWindow {
         let slow = record.elapsed_nanos >= self.rates.slow_nanos;
         let new = OCCUPIED | if record.failure { FAILED } else { 0 } | if slow { SLOW } else { 0 };
         let index = self.next.fetch_add(1, Relaxed);
-        let slot = (index % u64::from(self.size)) as usize;
-        let old = self.slots[slot].swap(new, Relaxed);
-        let changed = old ^ new;
-        if changed & FAILED != 0 {
-            self.failures
-                .fetch_add(if record.failure { 1 } else { -1 }, Relaxed);
-        }
-        if changed & SLOW != 0 {
-            self.slow.fetch_add(if slow { 1 } else { -1 }, Relaxed);
+        let slot = &self.slots[self.slot(index)];
+        // The common case, the same outcome as the one it replaces, writes nothing. (Two calls
+        // racing for one slot, possible only when the ring wraps within their overlap, may then
+        // lose one record; the totals always match the slots.)
+        if slot.load(Relaxed) != new {
+            let old = slot.swap(new, Relaxed);
+            let changed = old ^ new;
+            if changed & FAILED != 0 {
+                self.failures
+                    .fetch_add(if record.failure { 1 } else { -1 }, Relaxed);
+            }
+            if changed & SLOW != 0 {
+                self.slow.fetch_add(if slow { 1 } else { -1 }, Relaxed);
+            }
         }
         if !record.failure && !slow {
             // A fast success can only lower the rates.
@@ -608,6 +628,19 @@ mod tests {
         assert!(!w.record(&rec(false, 0, 0)));
         // 3 of 4 failed: 75 % >= 50 %.
         assert!(w.record(&rec(true, 0, 0)));
+    }
+
+    #[test]
+    fn fast_modulo_matches_the_remainder() {
+        for size in [1u32, 2, 3, 7, 10, 100, 1000, 65_537, MAX_COUNT_WINDOW] {
+            let w = CountWindow::builder(size).build().unwrap();
+            for index in (0..5000u64).chain([u64::from(u32::MAX) - 3, u64::from(u32::MAX)]) {
+                assert_eq!(
+                    w.slot(index) as u64,
+                    (index & u64::from(u32::MAX)) % u64::from(size)
+                );
+            }
+        }
     }
 
     #[test]

@@ -216,7 +216,8 @@ impl RetryBudget {
 ///     .call(|| async {
 ///         if tries.fetch_add(1, Ordering::SeqCst) < 2 { Err("flaky") } else { Ok(42) }
 ///     })
-///     .await?;
+///     .await
+///     .expect("the third attempt succeeds");
 /// assert_eq!((value, tries.load(Ordering::SeqCst)), (42, 3));
 /// # Ok(()) }
 /// ```

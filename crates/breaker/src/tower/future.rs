@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -21,13 +20,13 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Option<F>,
         permit: Option<OwnedPermit<P, C>>,
-        classifier: Option<Arc<K>>,
+        classifier: Option<K>,
         rejected: Option<Rejected>,
     }
 }
 
 impl<F, P: FailurePolicy, C: Clock, K> CircuitBreakerFuture<F, P, C, K> {
-    pub(crate) fn admitted(inner: F, permit: OwnedPermit<P, C>, classifier: Arc<K>) -> Self {
+    pub(crate) fn admitted(inner: F, permit: OwnedPermit<P, C>, classifier: K) -> Self {
         Self {
             inner: Some(inner),
             permit: Some(permit),

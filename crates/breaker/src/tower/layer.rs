@@ -1,7 +1,5 @@
 //! The layers.
 
-use std::sync::Arc;
-
 use super::{BulkheadService, CircuitBreakerService};
 use crate::breaker::CircuitBreaker;
 use crate::bulkhead::Bulkhead;
@@ -25,14 +23,14 @@ use crate::policy::{CountWindow, FailurePolicy};
 /// ```
 pub struct CircuitBreakerLayer<P = CountWindow, C = CoarseClock, K = DefaultClassifier> {
     breaker: CircuitBreaker<P, C>,
-    classifier: Arc<K>,
+    classifier: K,
 }
 
-impl<P, C, K> Clone for CircuitBreakerLayer<P, C, K> {
+impl<P, C, K: Clone> Clone for CircuitBreakerLayer<P, C, K> {
     fn clone(&self) -> Self {
         Self {
             breaker: self.breaker.clone(),
-            classifier: Arc::clone(&self.classifier),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -42,7 +40,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerLayer<P, C> {
     pub fn new(breaker: CircuitBreaker<P, C>) -> Self {
         Self {
             breaker,
-            classifier: Arc::new(DefaultClassifier),
+            classifier: DefaultClassifier,
         }
     }
 }
@@ -52,19 +50,19 @@ impl<P: FailurePolicy, C: Clock, K> CircuitBreakerLayer<P, C, K> {
     pub fn classifier<L>(self, classifier: L) -> CircuitBreakerLayer<P, C, L> {
         CircuitBreakerLayer {
             breaker: self.breaker,
-            classifier: Arc::new(classifier),
+            classifier,
         }
     }
 }
 
-impl<S, P, C, K> tower::Layer<S> for CircuitBreakerLayer<P, C, K> {
+impl<S, P, C, K: Clone> tower::Layer<S> for CircuitBreakerLayer<P, C, K> {
     type Service = CircuitBreakerService<S, P, C, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreakerService {
             inner,
             breaker: self.breaker.clone(),
-            classifier: Arc::clone(&self.classifier),
+            classifier: self.classifier.clone(),
         }
     }
 }

@@ -32,23 +32,23 @@ use crate::policy::{CountWindow, FailurePolicy};
 /// let mut svc = tower::ServiceBuilder::new()
 ///     .layer(CircuitBreakerLayer::new(breaker.clone()))
 ///     .service(service_fn(|fail: bool| async move { if fail { Err("503") } else { Ok("ok") } }));
-/// assert!(svc.ready().await?.call(true).await.is_err());
-/// let err = svc.ready().await?.call(false).await.unwrap_err();
+/// assert!(svc.ready().await.unwrap().call(true).await.is_err());
+/// let err = svc.ready().await.unwrap().call(false).await.unwrap_err();
 /// assert!(err.is_rejected());
 /// # Ok(()) }
 /// ```
 pub struct CircuitBreakerService<S, P = CountWindow, C = CoarseClock, K = DefaultClassifier> {
     inner: S,
     breaker: CircuitBreaker<P, C>,
-    classifier: Arc<K>,
+    classifier: K,
 }
 
-impl<S: Clone, P, C, K> Clone for CircuitBreakerService<S, P, C, K> {
+impl<S: Clone, P, C, K: Clone> Clone for CircuitBreakerService<S, P, C, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             breaker: self.breaker.clone(),
-            classifier: Arc::clone(&self.classifier),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -58,7 +58,7 @@ where
     S: tower::Service<Req>,
     P: FailurePolicy,
     C: Clock,
-    K: Classifier<S::Response, S::Error>,
+    K: Classifier<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
     type Error = BreakerError<S::Error>;
@@ -73,7 +73,7 @@ where
             Ok(permit) => CircuitBreakerFuture::admitted(
                 self.inner.call(req),
                 permit,
-                Arc::clone(&self.classifier),
+                self.classifier.clone(),
             ),
             Err(rejected) => CircuitBreakerFuture::rejected(rejected),
         }
