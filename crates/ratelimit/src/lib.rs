@@ -1,0 +1,25 @@
+//! Rate limits with one GCRA for in-process and Redis-shared state.
+//!
+//! See the crate README for the algorithm, how to pick a failure mode, and migration tables.
+
+mod clock;
+mod error;
+pub mod gcra;
+mod limiter;
+mod local;
+mod quota;
+mod store;
+
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use crate::clock::{Clock, ManualClock, MonotonicClock};
+pub use crate::error::{BuildError, KeyError, StoreError};
+pub use crate::gcra::{Decision, Source, Verdict};
+pub use crate::limiter::{FailureMode, RateLimiter, RateLimiterBuilder};
+pub use crate::local::LocalLimiter;
+pub use crate::quota::{Limits, MAX_LIMITS, MAX_PERIOD, Plans, Quota, QuotaSelector};
+pub use crate::store::RateLimitStore;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{GCRA_SCRIPT, RedisStore};

@@ -1,0 +1,457 @@
+//! The shared limiter: a store, a timeout, a failure mode, a deny cache and shadow mode.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::error::{BuildError, KeyError, StoreError};
+use crate::gcra::{Decision, Source, Verdict};
+use crate::local::LocalLimiter;
+use crate::quota::{Limits, QuotaSelector};
+use crate::store::RateLimitStore;
+
+/// What to do when the shared store fails or is too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureMode {
+    /// Allow every request: availability first (a login page, a product catalogue).
+    Open,
+    /// Deny every request: protection first (an expensive or abusable endpoint).
+    Closed,
+    /// Decide in this process with the quota divided by the expected number of `instances`
+    /// (each request costs `instances` units against the full quota): approximately the global
+    /// limit while every instance sees a similar share of traffic.
+    Local {
+        /// Instances expected to share the traffic (at least 1).
+        instances: u32,
+    },
+}
+
+/// Settings of a [`RateLimiter`].
+#[must_use]
+pub struct RateLimiterBuilder<S, Q> {
+    store: S,
+    selector: Q,
+    timeout: Duration,
+    failure_mode: FailureMode,
+    recheck: Duration,
+    shadow: bool,
+    max_key_len: usize,
+    deny_cache_capacity: usize,
+}
+
+impl<S, Q> fmt::Debug for RateLimiterBuilder<S, Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiterBuilder")
+            .field("timeout", &self.timeout)
+            .field("failure_mode", &self.failure_mode)
+            .field("recheck", &self.recheck)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
+    /// How long a check may wait for the store (default 50 ms). Past it, the failure mode
+    /// decides and the store is marked down.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What decides while the store is failing (default [`FailureMode::Local`] with 1 instance).
+    pub fn failure_mode(mut self, mode: FailureMode) -> Self {
+        self.failure_mode = mode;
+        self
+    }
+
+    /// While down, the store is probed in the background this often (default 1 s); callers never
+    /// wait for it.
+    pub fn recheck_interval(mut self, every: Duration) -> Self {
+        self.recheck = every;
+        self
+    }
+
+    /// Shadow mode: decisions that would deny are counted and logged, and allowed.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Longest key accepted, in bytes (default 512).
+    pub fn max_key_len(mut self, len: usize) -> Self {
+        self.max_key_len = len;
+        self
+    }
+
+    /// Keys remembered as denied (default 100 000; 0 turns the deny cache off).
+    pub fn deny_cache_capacity(mut self, capacity: usize) -> Self {
+        self.deny_cache_capacity = capacity;
+        self
+    }
+
+    /// Validates the settings.
+    pub fn build(self) -> Result<RateLimiter<S, Q>, BuildError> {
+        if self.timeout.is_zero() {
+            return Err(BuildError::new("timeout", "greater than zero", "0s"));
+        }
+        if self.recheck.is_zero() {
+            return Err(BuildError::new(
+                "recheck_interval",
+                "greater than zero",
+                "0s",
+            ));
+        }
+        if let FailureMode::Local { instances: 0 } = self.failure_mode {
+            return Err(BuildError::new("failure_mode.instances", "at least 1", 0));
+        }
+        if self.max_key_len == 0 {
+            return Err(BuildError::new("max_key_len", "at least 1", 0));
+        }
+        Ok(RateLimiter {
+            inner: Arc::new(Inner {
+                fallback: LocalLimiter::with_selector(Limits::new(), MonotonicClock::default())?,
+                store: self.store,
+                selector: self.selector,
+                timeout: self.timeout,
+                failure_mode: self.failure_mode,
+                recheck: self.recheck,
+                shadow: self.shadow,
+                max_key_len: self.max_key_len,
+                deny: DenyCache::new(self.deny_cache_capacity),
+                down_until: AtomicU64::new(0),
+                probing: AtomicBool::new(false),
+                clock: MonotonicClock::default(),
+            }),
+        })
+    }
+}
+
+/// A rate limiter over a shared store, cheap to clone (clones share everything).
+///
+/// A check goes, in order: key validation; "impossible" (cost above a burst) without a round
+/// trip; the deny cache (a key denied until T is denied locally until T: an abusive client costs
+/// no round trip); if the store is known to be down, the failure mode at once; otherwise the
+/// store, bounded by the timeout, whose failure marks it down and falls back.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use stanchion_ratelimit::{FailureMode, Limits, Quota, RateLimiter, RedisStore};
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let conn = redis::aio::ConnectionManager::new(redis::Client::open("redis://127.0.0.1/")?).await?;
+/// let limiter = RateLimiter::builder(
+///         RedisStore::new(conn, "rl:"),
+///         Limits::new().with("second", Quota::per_second(10)?)?.with("hour", Quota::per_hour(1000)?)?,
+///     )
+///     .timeout(Duration::from_millis(20))
+///     .failure_mode(FailureMode::Local { instances: 4 })
+///     .build()?;
+/// let decision = limiter.check("client-42", 1).await?;
+/// if !decision.is_allowed() { /* 429 */ }
+/// # Ok(()) }
+/// ```
+pub struct RateLimiter<S, Q = Limits> {
+    inner: Arc<Inner<S, Q>>,
+}
+
+impl<S, Q> Clone for RateLimiter<S, Q> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S, Q> fmt::Debug for RateLimiter<S, Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("failure_mode", &self.inner.failure_mode)
+            .field("timeout", &self.inner.timeout)
+            .field("shadow", &self.inner.shadow)
+            .field(
+                "store_down",
+                &(self.inner.clock.now_micros() < self.inner.down_until.load(Ordering::Acquire)),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<S, Q> {
+    store: S,
+    selector: Q,
+    timeout: Duration,
+    failure_mode: FailureMode,
+    recheck: Duration,
+    shadow: bool,
+    max_key_len: usize,
+    deny: DenyCache,
+    fallback: LocalLimiter<String, Limits, MonotonicClock>,
+    down_until: AtomicU64,
+    probing: AtomicBool,
+    clock: MonotonicClock,
+}
+
+impl<S: RateLimitStore> RateLimiter<S, Limits> {
+    /// A limiter with the same limits for every key (see [`with_selector`](Self::with_selector)
+    /// for per-key plans).
+    pub fn builder(store: S, limits: Limits) -> RateLimiterBuilder<S, Limits> {
+        Self::with_selector(store, limits)
+    }
+}
+
+impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
+    /// A limiter choosing limits per key.
+    pub fn with_selector(store: S, selector: Q) -> RateLimiterBuilder<S, Q> {
+        RateLimiterBuilder {
+            store,
+            selector,
+            timeout: Duration::from_millis(50),
+            failure_mode: FailureMode::Local { instances: 1 },
+            recheck: Duration::from_secs(1),
+            shadow: false,
+            max_key_len: 512,
+            deny_cache_capacity: 100_000,
+        }
+    }
+
+    /// The limits that apply to `key`.
+    pub fn limits_for(&self, key: &str) -> &Limits {
+        self.inner.selector.select(key)
+    }
+
+    /// Whether the store is currently marked down (the failure mode is deciding).
+    pub fn is_store_down(&self) -> bool {
+        self.inner.clock.now_micros() < self.inner.down_until.load(Ordering::Acquire)
+    }
+
+    /// Checks `cost` units for `key`. Errors only for keys it refuses; store failures are
+    /// handled by the failure mode (the decision's `source` says so).
+    pub async fn check(&self, key: &str, cost: u32) -> Result<Decision, KeyError> {
+        let inner = &*self.inner;
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if key.len() > inner.max_key_len {
+            return Err(KeyError::TooLong {
+                len: key.len(),
+                max: inner.max_key_len,
+            });
+        }
+        let limits = inner.selector.select(key);
+        if limits.is_empty() {
+            return Ok(Decision::allow_all(Source::Local));
+        }
+        if let Some((i, q)) = limits
+            .quotas()
+            .enumerate()
+            .map(|(i, (_, q))| (i, q))
+            .find(|(_, q)| cost > q.burst_size())
+        {
+            return Ok(Decision {
+                verdict: Verdict::Impossible,
+                quota: i,
+                limit: q.burst_size(),
+                remaining: 0,
+                reset_after: Duration::ZERO,
+                retry_after: None,
+                shadow_denied: false,
+                source: Source::Local,
+            });
+        }
+        let now = inner.clock.now_micros();
+        if !inner.shadow
+            && let Some(until) = inner.deny.get(key, now)
+        {
+            let q = limits.quota(0);
+            return Ok(Decision {
+                verdict: Verdict::Denied,
+                quota: 0,
+                limit: q.map_or(0, |q| q.burst_size()),
+                remaining: 0,
+                reset_after: Duration::from_micros(until - now),
+                retry_after: Some(Duration::from_micros(until - now)),
+                shadow_denied: false,
+                source: Source::DenyCache,
+            });
+        }
+        let decision = if now < inner.down_until.load(Ordering::Acquire) {
+            self.fallback(key, limits, cost, None)
+        } else {
+            match tokio::time::timeout(inner.timeout, inner.store.check(key, limits, cost)).await {
+                Ok(Ok(decision)) => decision,
+                Ok(Err(e)) => self.fallback(key, limits, cost, Some(e)),
+                Err(_) => {
+                    self.fallback(key, limits, cost, Some(StoreError::Timeout(inner.timeout)))
+                }
+            }
+        };
+        Ok(self.finish(key, decision, now))
+    }
+
+    fn finish(&self, key: &str, mut decision: Decision, now: u64) -> Decision {
+        let inner = &*self.inner;
+        if decision.verdict != Verdict::Denied {
+            return decision;
+        }
+        #[cfg(feature = "metrics")]
+        metrics::counter!("ratelimit.denied", "ratelimit.shadow" => if inner.shadow { "true" } else { "false" }).increment(1);
+        if inner.shadow {
+            tracing::info!(
+                ratelimit.key = key,
+                ratelimit.quota = decision.quota,
+                "rate limit would deny (shadow mode)"
+            );
+            decision.verdict = Verdict::Allowed;
+            decision.shadow_denied = true;
+            decision.retry_after = None;
+            return decision;
+        }
+        if decision.source == Source::Shared
+            && let Some(wait) = decision.retry_after
+        {
+            let wait = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+            inner.deny.insert(key, now.saturating_add(wait), now);
+        }
+        decision
+    }
+
+    fn fallback(
+        &self,
+        key: &str,
+        limits: &Limits,
+        cost: u32,
+        error: Option<StoreError>,
+    ) -> Decision {
+        let inner = &*self.inner;
+        if let Some(error) = error {
+            let was_down = inner.down_until.swap(
+                inner.clock.now_micros() + micros(inner.recheck),
+                Ordering::AcqRel,
+            );
+            if was_down <= inner.clock.now_micros() {
+                tracing::warn!(
+                    error = %error,
+                    ratelimit.failure_mode = ?inner.failure_mode,
+                    "rate-limit store failed; deciding without it"
+                );
+            }
+            #[cfg(feature = "metrics")]
+            metrics::counter!("ratelimit.store_errors").increment(1);
+            self.start_probe();
+        }
+        let mut decision = match inner.failure_mode {
+            FailureMode::Open => Decision::allow_all(Source::Fallback),
+            FailureMode::Closed => Decision {
+                verdict: Verdict::Denied,
+                quota: 0,
+                limit: limits.quota(0).map_or(0, |q| q.burst_size()),
+                remaining: 0,
+                reset_after: inner.recheck,
+                retry_after: Some(inner.recheck),
+                shadow_denied: false,
+                source: Source::Fallback,
+            },
+            FailureMode::Local { instances } => {
+                // Each request costs `instances` units of the full quota: quota / instances,
+                // without rebuilding limits. Never impossible because of the scaling.
+                let max_cost = limits
+                    .quotas()
+                    .map(|(_, q)| q.burst_size())
+                    .min()
+                    .unwrap_or(1);
+                let scaled = cost.saturating_mul(instances).min(max_cost);
+                inner.fallback.check_limits(key, limits, scaled)
+            }
+        };
+        decision.source = Source::Fallback;
+        decision
+    }
+
+    fn start_probe(&self) {
+        let inner = &*self.inner;
+        if inner.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            inner.probing.store(false, Ordering::Release);
+            return;
+        };
+        let this = self.clone();
+        handle.spawn(async move {
+            let inner = &*this.inner;
+            loop {
+                tokio::time::sleep(inner.recheck).await;
+                let healthy = matches!(
+                    tokio::time::timeout(inner.timeout, inner.store.probe()).await,
+                    Ok(Ok(()))
+                );
+                if healthy {
+                    inner.down_until.store(0, Ordering::Release);
+                    tracing::info!("rate-limit store is answering again");
+                    break;
+                }
+                inner.down_until.store(
+                    inner.clock.now_micros() + micros(inner.recheck) * 2,
+                    Ordering::Release,
+                );
+            }
+            inner.probing.store(false, Ordering::Release);
+        });
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Keys denied until a time, remembered locally. Bounded: when full, expired entries are
+/// swept, and if it is still full new denials are simply not remembered.
+struct DenyCache {
+    capacity: usize,
+    shards: Box<[Mutex<HashMap<String, u64>>]>,
+}
+
+impl DenyCache {
+    const SHARDS: usize = 16;
+
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, u64>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize;
+        &self.shards[h % Self::SHARDS]
+    }
+
+    fn get(&self, key: &str, now: u64) -> Option<u64> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let map = self.shard(key).lock().ok()?;
+        map.get(key).copied().filter(|until| *until > now)
+    }
+
+    fn insert(&self, key: &str, until: u64, now: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let Ok(mut map) = self.shard(key).lock() else {
+            return;
+        };
+        let per_shard = self.capacity.div_ceil(Self::SHARDS);
+        if map.len() >= per_shard {
+            map.retain(|_, u| *u > now);
+            if map.len() >= per_shard {
+                return;
+            }
+        }
+        map.insert(key.to_owned(), until);
+    }
+}

@@ -1,0 +1,300 @@
+//! Quotas and sets of limits checked together.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::BuildError;
+
+/// Longest period a quota may have.
+pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Most limits in one [`Limits`] set.
+pub const MAX_LIMITS: usize = 4;
+/// Largest `burst * emission interval`, in microseconds: 2^52 (about 142 years), so that the
+/// Redis script's numbers (Lua doubles, exact below 2^53) stay exact for absolute times.
+const MAX_CAPACITY_MICROS: u64 = 1 << 52;
+
+/// `rate` requests per `period`, with up to `burst` at once.
+///
+/// The emission interval `period / rate` is the steady spacing of requests; it must be at
+/// least one microsecond (at most a million requests a second per key).
+///
+/// ```
+/// use std::time::Duration;
+/// use stanchion_ratelimit::Quota;
+/// let api = Quota::per_second(10)?.burst(20)?;
+/// assert_eq!(api.emission_interval(), Duration::from_millis(100));
+/// let daily = Quota::new(1000, Duration::from_secs(86_400))?;
+/// assert_eq!(daily.burst_size(), 1000);
+/// # Ok::<(), stanchion_ratelimit::BuildError>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    rate: u32,
+    period: Duration,
+    burst: u32,
+    emission_micros: u64,
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{:?} (burst {})", self.rate, self.period, self.burst)
+    }
+}
+
+impl Quota {
+    /// `rate` per `period`; the burst defaults to `rate`.
+    pub fn new(rate: u32, period: Duration) -> Result<Self, BuildError> {
+        if rate == 0 {
+            return Err(BuildError::new("rate", "at least 1", 0));
+        }
+        if period.is_zero() || period > MAX_PERIOD {
+            return Err(BuildError::new(
+                "period",
+                "between 1 microsecond and 366 days",
+                format!("{period:?}"),
+            ));
+        }
+        let emission_micros =
+            u64::try_from(period.as_micros() / u128::from(rate)).unwrap_or(u64::MAX);
+        if emission_micros == 0 {
+            return Err(BuildError::new(
+                "rate",
+                "at most one request per microsecond of the period",
+                format!("{rate} per {period:?}"),
+            ));
+        }
+        Self {
+            rate,
+            period,
+            burst: rate,
+            emission_micros,
+        }
+        .validated()
+    }
+
+    /// `rate` per second.
+    pub fn per_second(rate: u32) -> Result<Self, BuildError> {
+        Self::new(rate, Duration::from_secs(1))
+    }
+
+    /// `rate` per minute.
+    pub fn per_minute(rate: u32) -> Result<Self, BuildError> {
+        Self::new(rate, Duration::from_secs(60))
+    }
+
+    /// `rate` per hour.
+    pub fn per_hour(rate: u32) -> Result<Self, BuildError> {
+        Self::new(rate, Duration::from_secs(3600))
+    }
+
+    /// Allows up to `burst` requests at once (at least 1).
+    pub fn burst(mut self, burst: u32) -> Result<Self, BuildError> {
+        if burst == 0 {
+            return Err(BuildError::new("burst", "at least 1", 0));
+        }
+        self.burst = burst;
+        self.validated()
+    }
+
+    fn validated(self) -> Result<Self, BuildError> {
+        if u64::from(self.burst).saturating_mul(self.emission_micros) > MAX_CAPACITY_MICROS {
+            return Err(BuildError::new(
+                "burst",
+                "small enough that burst x period / rate stays under 142 years",
+                self.burst,
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Requests per period.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// The period.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// Requests allowed at once.
+    pub fn burst_size(&self) -> u32 {
+        self.burst
+    }
+
+    /// `period / rate`.
+    pub fn emission_interval(&self) -> Duration {
+        Duration::from_micros(self.emission_micros)
+    }
+
+    pub(crate) fn emission_micros(&self) -> u64 {
+        self.emission_micros
+    }
+
+    pub(crate) fn capacity_micros(&self) -> u64 {
+        u64::from(self.burst) * self.emission_micros
+    }
+}
+
+/// One to [`MAX_LIMITS`] quotas checked together and atomically: a request is admitted only if
+/// every quota admits it, and then counts against all of them (e.g. 10 per second and 1000 per
+/// hour). Each has a name used in the `RateLimit-Policy` header.
+///
+/// ```
+/// use stanchion_ratelimit::{Limits, Quota};
+/// let free = Limits::new()
+///     .with("burst", Quota::per_second(10)?)?
+///     .with("hourly", Quota::per_hour(1000)?)?;
+/// assert_eq!(free.len(), 2);
+/// # Ok::<(), stanchion_ratelimit::BuildError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Limits {
+    quotas: Vec<(String, Quota)>,
+}
+
+impl fmt::Debug for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.quotas.iter().map(|(n, q)| (n, q)))
+            .finish()
+    }
+}
+
+impl Limits {
+    /// An empty set (add quotas with [`with`](Self::with); checking an empty set is an error).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A set of one quota named `default`.
+    pub fn single(quota: Quota) -> Self {
+        Self {
+            quotas: vec![("default".to_owned(), quota)],
+        }
+    }
+
+    /// Adds a named quota. Names are 1-32 characters of `[A-Za-z0-9_-]` (they appear in HTTP
+    /// headers) and unique within the set.
+    pub fn with(mut self, name: &str, quota: Quota) -> Result<Self, BuildError> {
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(BuildError::new(
+                "limit name",
+                "1-32 characters of [A-Za-z0-9_-]",
+                name,
+            ));
+        }
+        if self.quotas.iter().any(|(n, _)| n == name) {
+            return Err(BuildError::new("limit name", "unique within the set", name));
+        }
+        if self.quotas.len() >= MAX_LIMITS {
+            return Err(BuildError::new(
+                "limits",
+                "at most 4 quotas per set",
+                self.quotas.len() + 1,
+            ));
+        }
+        self.quotas.push((name.to_owned(), quota));
+        Ok(self)
+    }
+
+    /// The quotas, in order.
+    pub fn quotas(&self) -> impl Iterator<Item = (&str, &Quota)> {
+        self.quotas.iter().map(|(n, q)| (n.as_str(), q))
+    }
+
+    /// Number of quotas.
+    pub fn len(&self) -> usize {
+        self.quotas.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.quotas.is_empty()
+    }
+
+    pub(crate) fn quota(&self, i: usize) -> Option<&Quota> {
+        self.quotas.get(i).map(|(_, q)| q)
+    }
+
+    pub(crate) fn name(&self, i: usize) -> &str {
+        self.quotas
+            .get(i)
+            .map(|(n, _)| n.as_str())
+            .unwrap_or("default")
+    }
+}
+
+/// Chooses the limits of a key: a fixed set, or per-key plans (free vs paid).
+///
+/// ```
+/// use stanchion_ratelimit::{Limits, Plans, Quota, QuotaSelector};
+/// let plans = Plans::new(
+///     vec![
+///         Limits::single(Quota::per_minute(60)?),   // 0: free
+///         Limits::single(Quota::per_minute(6000)?), // 1: paid
+///     ],
+///     |key: &str| usize::from(key.starts_with("paid:")),
+/// )?;
+/// assert_eq!(plans.select("paid:acme").len(), 1);
+/// # Ok::<(), stanchion_ratelimit::BuildError>(())
+/// ```
+pub trait QuotaSelector<K: ?Sized>: Send + Sync + 'static {
+    /// The limits that apply to `key`.
+    fn select(&self, key: &K) -> &Limits;
+}
+
+impl<K: ?Sized> QuotaSelector<K> for Limits {
+    #[inline]
+    fn select(&self, _key: &K) -> &Limits {
+        self
+    }
+}
+
+/// Several [`Limits`] sets and a function picking one per key (an index; out-of-range indexes
+/// use the last set).
+pub struct Plans<F> {
+    plans: Vec<Limits>,
+    pick: F,
+}
+
+impl<F> fmt::Debug for Plans<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plans")
+            .field("plans", &self.plans)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> Plans<F> {
+    /// At least one non-empty set.
+    pub fn new(plans: Vec<Limits>, pick: F) -> Result<Self, BuildError> {
+        if plans.is_empty() {
+            return Err(BuildError::new("plans", "at least one set of limits", 0));
+        }
+        if let Some(i) = plans.iter().position(Limits::is_empty) {
+            return Err(BuildError::new(
+                "plans",
+                "sets with at least one quota",
+                format!("set {i} is empty"),
+            ));
+        }
+        Ok(Self { plans, pick })
+    }
+}
+
+impl<K: ?Sized, F> QuotaSelector<K> for Plans<F>
+where
+    F: Fn(&K) -> usize + Send + Sync + 'static,
+{
+    #[inline]
+    fn select(&self, key: &K) -> &Limits {
+        let i = (self.pick)(key).min(self.plans.len() - 1);
+        &self.plans[i]
+    }
+}

@@ -1,0 +1,307 @@
+//! The Redis store on a real server and a real cluster: the script agrees with the Rust GCRA,
+//! shared limits are accurate across limiter instances, keys expire, corrupt state is reported.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use stanchion_ratelimit::{
+    FailureMode, Limits, Quota, RateLimitStore, RateLimiter, RedisStore, Source, Verdict, gcra,
+};
+use stanchion_testkit::{RedisCluster, RedisServer};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The Lua script and `gcra::check` are the same algorithm: identical decisions, step by step.
+    #[test]
+    fn the_script_decides_exactly_like_the_rust_gcra(
+        rate in 1u32..20,
+        burst in 1u32..10,
+        second_rate in 1u32..100,
+        steps in prop::collection::vec((0u64..500_000, 0u32..5), 1..40),
+    ) {
+        let rt = runtime();
+        let server = RedisServer::shared().unwrap();
+        let limits = Limits::new()
+            .with("a", Quota::per_second(rate).unwrap().burst(burst).unwrap()).unwrap()
+            .with("b", Quota::per_minute(second_rate).unwrap()).unwrap();
+        let key = support::prefix("equiv");
+        rt.block_on(async {
+            let conn = support::manager(&server.url()).await;
+            let mut state = [0u64; 4];
+            let mut now = 1_700_000_000_000_000u64;
+            for (advance, cost) in steps {
+                now += advance;
+                let store = RedisStore::new(conn.clone(), "eq:").with_fixed_now(now);
+                let theirs = store.check(&key, &limits, cost).await.unwrap();
+                let ours = gcra::check(&limits, &mut state, now, cost);
+                prop_assert_eq!(theirs.verdict, ours.verdict);
+                prop_assert_eq!(theirs.quota, ours.quota);
+                prop_assert_eq!(theirs.remaining, ours.remaining);
+                prop_assert_eq!(theirs.reset_after, ours.reset_after);
+                prop_assert_eq!(theirs.retry_after, ours.retry_after);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// Four limiter instances, each with its own connection, hammer one key.
+async fn hammer(stores: Vec<RateLimiter<impl RateLimitStore>>, seconds: f64) -> (u64, f64, u64) {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let fallbacks = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for limiter in stores {
+        for _ in 0..8 {
+            let (limiter, admitted, fallbacks) =
+                (limiter.clone(), admitted.clone(), fallbacks.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let d = limiter.check("hot-key", 1).await.unwrap();
+                    if d.source == Source::Fallback {
+                        fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if d.is_allowed() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (
+        admitted.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64(),
+        fallbacks.load(Ordering::Relaxed),
+    )
+}
+
+fn assert_accurate(admitted: u64, elapsed: f64, rate: f64, burst: f64) {
+    let most = burst + rate * elapsed + 1.0;
+    // The server saw the first and last check up to a round trip inside our interval.
+    let least = 0.99 * (burst + rate * (elapsed - 0.01));
+    eprintln!("admitted {admitted} in {elapsed:.3}s: allowed range [{least:.0}, {most:.0}]");
+    assert!((admitted as f64) <= most, "admitted {admitted} > {most}");
+    assert!((admitted as f64) >= least, "admitted {admitted} < {least}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_share_one_quota_accurately_on_a_single_redis() {
+    let server = RedisServer::shared().unwrap();
+    let limits = Limits::single(Quota::per_second(1000).unwrap().burst(200).unwrap());
+    let prefix = support::prefix("acc");
+    let mut limiters = Vec::new();
+    for _ in 0..4 {
+        let store = RedisStore::new(support::manager(&server.url()).await, &prefix);
+        limiters.push(
+            RateLimiter::builder(store, limits.clone())
+                .timeout(Duration::from_secs(2))
+                .failure_mode(FailureMode::Closed)
+                .deny_cache_capacity(0)
+                .build()
+                .unwrap(),
+        );
+    }
+    let (admitted, elapsed, fallbacks) = hammer(limiters, 3.0).await;
+    assert_eq!(fallbacks, 0);
+    assert_accurate(admitted, elapsed, 1000.0, 200.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_share_one_quota_accurately_on_redis_cluster() {
+    let cluster = RedisCluster::shared().unwrap();
+    let limits = Limits::single(Quota::per_second(1000).unwrap().burst(200).unwrap());
+    let prefix = support::prefix("cluster");
+    let mut limiters = Vec::new();
+    for _ in 0..4 {
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+        let conn = client.get_async_connection().await.unwrap();
+        limiters.push(
+            RateLimiter::builder(RedisStore::new(conn, &prefix), limits.clone())
+                .timeout(Duration::from_secs(2))
+                .failure_mode(FailureMode::Closed)
+                .deny_cache_capacity(0)
+                .build()
+                .unwrap(),
+        );
+    }
+    let (admitted, elapsed, fallbacks) = hammer(limiters, 3.0).await;
+    assert_eq!(fallbacks, 0);
+    assert_accurate(admitted, elapsed, 1000.0, 200.0);
+}
+
+#[tokio::test]
+async fn several_keys_spread_over_cluster_slots_all_work() {
+    let cluster = RedisCluster::shared().unwrap();
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let store = RedisStore::new(
+        client.get_async_connection().await.unwrap(),
+        &support::prefix("slots"),
+    );
+    let limits = Limits::new()
+        .with("s", Quota::per_second(2).unwrap())
+        .unwrap()
+        .with("m", Quota::per_minute(100).unwrap())
+        .unwrap();
+    for k in 0..50 {
+        let key = format!("user-{k}");
+        assert!(store.check(&key, &limits, 1).await.unwrap().is_allowed());
+        assert!(store.check(&key, &limits, 1).await.unwrap().is_allowed());
+        let third = store.check(&key, &limits, 1).await.unwrap();
+        assert_eq!(third.verdict, Verdict::Denied);
+        assert_eq!(third.quota, 0);
+    }
+}
+
+#[tokio::test]
+async fn state_expires_when_the_key_is_back_to_full_capacity() {
+    let server = RedisServer::shared().unwrap();
+    let conn = support::manager(&server.url()).await;
+    let store = RedisStore::new(conn.clone(), &support::prefix("ttl"));
+    let limits = Limits::single(Quota::per_second(10).unwrap());
+    store.check("k", &limits, 3).await.unwrap();
+    let mut c = conn.clone();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(store.redis_key("k"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        (250..=302).contains(&ttl),
+        "TTL {ttl} ms for 300 ms of debt"
+    );
+    // A peek (cost 0) does not write.
+    let other: RedisStore<_> = RedisStore::new(conn.clone(), &support::prefix("peek"));
+    other.check("k", &limits, 0).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(other.redis_key("k"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+}
+
+#[tokio::test]
+async fn corrupt_state_is_reported_and_replaced_not_trusted() {
+    let server = RedisServer::shared().unwrap();
+    let conn = support::manager(&server.url()).await;
+    let store = RedisStore::new(conn.clone(), &support::prefix("corrupt"));
+    let limits = Limits::single(Quota::per_second(1).unwrap());
+    let mut c = conn.clone();
+    redis::cmd("HSET")
+        .arg(store.redis_key("k"))
+        .arg("0")
+        .arg("not-a-number")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let d = store.check("k", &limits, 1).await.unwrap();
+    assert!(d.is_allowed());
+    let now: String = redis::cmd("HGET")
+        .arg(store.redis_key("k"))
+        .arg("0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(now.parse::<u64>().is_ok(), "replaced by a TAT, got {now:?}");
+    // A key of the wrong type is an error the failure mode handles, never a panic.
+    redis::cmd("SET")
+        .arg(store.redis_key("str"))
+        .arg("x")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    assert!(store.check("str", &limits, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn a_denied_key_is_remembered_locally_until_its_retry_time() {
+    let server = RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("deny"),
+    );
+    let limiter = RateLimiter::builder(store, Limits::single(Quota::per_second(1).unwrap()))
+        .build()
+        .unwrap();
+    assert_eq!(
+        limiter.check("abuser", 1).await.unwrap().source,
+        Source::Shared
+    );
+    let denied = limiter.check("abuser", 1).await.unwrap();
+    assert_eq!(
+        (denied.verdict, denied.source),
+        (Verdict::Denied, Source::Shared)
+    );
+    for _ in 0..100 {
+        let d = limiter.check("abuser", 1).await.unwrap();
+        assert_eq!((d.verdict, d.source), (Verdict::Denied, Source::DenyCache));
+        assert!(d.retry_after.unwrap() <= Duration::from_secs(1));
+    }
+    tokio::time::sleep(denied.retry_after.unwrap()).await;
+    let again = limiter.check("abuser", 1).await.unwrap();
+    assert_eq!(
+        (again.verdict, again.source),
+        (Verdict::Allowed, Source::Shared)
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_allows_and_flags_would_be_denials() {
+    let server = RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("shadow"),
+    );
+    let limiter = RateLimiter::builder(store, Limits::single(Quota::per_minute(1).unwrap()))
+        .shadow(true)
+        .build()
+        .unwrap();
+    let first = limiter.check("k", 1).await.unwrap();
+    assert!(first.is_allowed() && !first.shadow_denied);
+    for _ in 0..3 {
+        let d = limiter.check("k", 1).await.unwrap();
+        assert!(d.is_allowed());
+        assert!(d.shadow_denied);
+    }
+}
+
+#[tokio::test]
+async fn per_key_plans_apply_their_own_quota_through_redis() {
+    let server = RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("plans"),
+    );
+    let plans = stanchion_ratelimit::Plans::new(
+        vec![
+            Limits::single(Quota::per_minute(2).unwrap()),
+            Limits::single(Quota::per_minute(5).unwrap()),
+        ],
+        |key: &str| usize::from(key.starts_with("paid:")),
+    )
+    .unwrap();
+    let limiter = RateLimiter::with_selector(store, plans).build().unwrap();
+    let mut free = 0;
+    let mut paid = 0;
+    for _ in 0..10 {
+        free += u32::from(limiter.check("free:a", 1).await.unwrap().is_allowed());
+        paid += u32::from(limiter.check("paid:b", 1).await.unwrap().is_allowed());
+    }
+    assert_eq!((free, paid), (2, 5));
+}
