@@ -1,0 +1,114 @@
+//! Redis paused (SIGSTOP) or killed mid-test: each failure mode behaves as documented, no caller
+//! waits past the timeout, decisions are immediate once Redis is known to be down, and the
+//! limiter goes back to Redis once it answers again.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use stanchion_ratelimit::{FailureMode, Limits, Quota, RateLimiter, RedisStore, Source, Verdict};
+use stanchion_testkit::RedisServer;
+
+const TIMEOUT: Duration = Duration::from_millis(50);
+const RECHECK: Duration = Duration::from_millis(200);
+
+async fn limiter(
+    server: &RedisServer,
+    mode: FailureMode,
+    limits: Limits,
+) -> RateLimiter<RedisStore<redis::aio::ConnectionManager>> {
+    let store = RedisStore::new(support::manager(&server.url()).await, &support::prefix("fault"));
+    RateLimiter::builder(store, limits)
+        .timeout(TIMEOUT)
+        .recheck_interval(RECHECK)
+        .failure_mode(mode)
+        .build()
+        .unwrap()
+}
+
+/// Runs `n` checks, asserting each one's latency bound, and returns the decisions.
+async fn timed_checks(
+    limiter: &RateLimiter<RedisStore<redis::aio::ConnectionManager>>,
+    key: &str,
+    n: usize,
+) -> Vec<stanchion_ratelimit::Decision> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let start = Instant::now();
+        let d = limiter.check(key, 1).await.unwrap();
+        let took = start.elapsed();
+        let bound = if i == 0 { TIMEOUT + Duration::from_millis(30) } else { Duration::from_millis(5) };
+        assert!(took <= bound, "check {i} took {took:?} (bound {bound:?}), {d:?}");
+        out.push(d);
+    }
+    out
+}
+
+async fn wait_until_shared(limiter: &RateLimiter<RedisStore<redis::aio::ConnectionManager>>, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = limiter.check(key, 1).await.unwrap();
+        if d.source == Source::Shared {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never went back to Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_allows_without_waiting_while_redis_is_paused() {
+    let server = RedisServer::start().unwrap();
+    let limiter = limiter(&server, FailureMode::Open, Limits::single(Quota::per_minute(1).unwrap())).await;
+    assert_eq!(limiter.check("k", 1).await.unwrap().source, Source::Shared);
+    server.pause().unwrap();
+    let decisions = timed_checks(&limiter, "other", 50).await;
+    assert!(decisions.iter().all(|d| d.is_allowed() && d.source == Source::Fallback));
+    assert!(limiter.is_store_down());
+    server.resume().unwrap();
+    wait_until_shared(&limiter, "third").await;
+    assert!(!limiter.is_store_down());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_denies_without_waiting_while_redis_is_paused() {
+    let server = RedisServer::start().unwrap();
+    let limiter = limiter(&server, FailureMode::Closed, Limits::single(Quota::per_second(100).unwrap())).await;
+    server.pause().unwrap();
+    let decisions = timed_checks(&limiter, "k", 20).await;
+    assert!(decisions.iter().all(|d| d.verdict == Verdict::Denied && d.retry_after == Some(RECHECK)));
+    server.resume().unwrap();
+    wait_until_shared(&limiter, "k2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_local_divides_the_quota_by_the_instances_while_redis_is_down() {
+    let mut server = RedisServer::start().unwrap();
+    let limiter = limiter(
+        &server,
+        FailureMode::Local { instances: 4 },
+        Limits::single(Quota::per_minute(20).unwrap()),
+    )
+    .await;
+    server.kill().unwrap();
+    let decisions = timed_checks(&limiter, "k", 10).await;
+    assert!(decisions.iter().all(|d| d.source == Source::Fallback));
+    let allowed = decisions.iter().filter(|d| d.is_allowed()).count();
+    assert_eq!(allowed, 5, "20 per minute over 4 instances");
+    server.restart().unwrap();
+    wait_until_shared(&limiter, "fresh").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_restarted_redis_is_used_again() {
+    let mut server = RedisServer::start().unwrap();
+    let limiter = limiter(&server, FailureMode::Open, Limits::single(Quota::per_second(5).unwrap())).await;
+    assert_eq!(limiter.check("k", 1).await.unwrap().source, Source::Shared);
+    server.kill().unwrap();
+    let start = Instant::now();
+    let d = limiter.check("k", 1).await.unwrap();
+    assert_eq!(d.source, Source::Fallback);
+    assert!(start.elapsed() <= TIMEOUT + Duration::from_millis(30));
+    server.restart().unwrap();
+    wait_until_shared(&limiter, "k").await;
+}
