@@ -23,3 +23,11 @@ pub use crate::store::RateLimitStore;
 
 #[cfg(feature = "redis")]
 pub use crate::redis::{GCRA_SCRIPT, RedisStore};
+
+#[cfg(feature = "tower")]
+mod http;
+#[cfg(feature = "tower")]
+pub use crate::http::{
+    ClientIp, HeaderKey, IpNet, KeyExtractor, MissingKey, PeerAddr, ProxyHeader, RateLimitFuture,
+    RateLimitLayer, RateLimitService, write_headers,
+};

@@ -1,10 +1,12 @@
 //! The in-process store: GCRA state in sharded maps, idle keys dropped automatically.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Mutex;
+
+use foldhash::quality::RandomState;
+use hashbrown::HashTable;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::error::BuildError;
@@ -12,7 +14,8 @@ use crate::gcra::{self, Decision, Tats};
 use crate::quota::{Limits, QuotaSelector};
 
 struct Shard<K> {
-    map: HashMap<K, Tats, RandomState>,
+    /// Entries with their hash: each key is hashed once per check, for the shard and the table.
+    map: HashTable<(u64, K, Tats)>,
     /// Sweep idle keys when the map reaches this size.
     sweep_at: usize,
 }
@@ -67,12 +70,12 @@ impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> 
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::with_hasher(RandomState::new()),
+                        map: HashTable::new(),
                         sweep_at: MIN_SWEEP,
                     })
                 })
                 .collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             selector,
             clock,
         })
@@ -93,22 +96,30 @@ impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> 
         B: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.clock.now_micros();
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let hash = self.hasher.hash_one(key);
+        // Middle bits pick the shard: the table itself uses the low bits (bucket) and the top
+        // seven (control byte), which must stay varied within a shard.
+        let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         let mut shard = match shard.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(tats) = shard.map.get_mut(key) {
+        if let Some((_, _, tats)) = shard
+            .map
+            .find_mut(hash, |(h, k, _)| *h == hash && k.borrow() == key)
+        {
             return gcra::check(limits, tats, now, cost);
         }
         let mut tats: Tats = [0; crate::quota::MAX_LIMITS];
         let decision = gcra::check(limits, &mut tats, now, cost);
         if gcra::idle_after(&tats) > now {
             if shard.map.len() >= shard.sweep_at {
-                shard.map.retain(|_, t| gcra::idle_after(t) > now);
+                shard.map.retain(|(_, _, t)| gcra::idle_after(t) > now);
                 shard.sweep_at = (shard.map.len() * 2).max(MIN_SWEEP);
             }
-            shard.map.insert(key.to_owned(), tats);
+            shard
+                .map
+                .insert_unique(hash, (hash, key.to_owned(), tats), |(h, _, _)| *h);
         }
         decision
     }
@@ -131,7 +142,7 @@ impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> 
         let now = self.clock.now_micros();
         for shard in self.shards.iter() {
             if let Ok(mut s) = shard.lock() {
-                s.map.retain(|_, t| gcra::idle_after(t) > now);
+                s.map.retain(|(_, _, t)| gcra::idle_after(t) > now);
             }
         }
     }

@@ -17,7 +17,10 @@ async fn limiter(
     mode: FailureMode,
     limits: Limits,
 ) -> RateLimiter<RedisStore<redis::aio::ConnectionManager>> {
-    let store = RedisStore::new(support::manager(&server.url()).await, &support::prefix("fault"));
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("fault"),
+    );
     RateLimiter::builder(store, limits)
         .timeout(TIMEOUT)
         .recheck_interval(RECHECK)
@@ -37,14 +40,24 @@ async fn timed_checks(
         let start = Instant::now();
         let d = limiter.check(key, 1).await.unwrap();
         let took = start.elapsed();
-        let bound = if i == 0 { TIMEOUT + Duration::from_millis(30) } else { Duration::from_millis(5) };
-        assert!(took <= bound, "check {i} took {took:?} (bound {bound:?}), {d:?}");
+        let bound = if i == 0 {
+            TIMEOUT + Duration::from_millis(30)
+        } else {
+            Duration::from_millis(5)
+        };
+        assert!(
+            took <= bound,
+            "check {i} took {took:?} (bound {bound:?}), {d:?}"
+        );
         out.push(d);
     }
     out
 }
 
-async fn wait_until_shared(limiter: &RateLimiter<RedisStore<redis::aio::ConnectionManager>>, key: &str) {
+async fn wait_until_shared(
+    limiter: &RateLimiter<RedisStore<redis::aio::ConnectionManager>>,
+    key: &str,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let d = limiter.check(key, 1).await.unwrap();
@@ -59,11 +72,20 @@ async fn wait_until_shared(limiter: &RateLimiter<RedisStore<redis::aio::Connecti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_allows_without_waiting_while_redis_is_paused() {
     let server = RedisServer::start().unwrap();
-    let limiter = limiter(&server, FailureMode::Open, Limits::single(Quota::per_minute(1).unwrap())).await;
+    let limiter = limiter(
+        &server,
+        FailureMode::Open,
+        Limits::single(Quota::per_minute(1).unwrap()),
+    )
+    .await;
     assert_eq!(limiter.check("k", 1).await.unwrap().source, Source::Shared);
     server.pause().unwrap();
     let decisions = timed_checks(&limiter, "other", 50).await;
-    assert!(decisions.iter().all(|d| d.is_allowed() && d.source == Source::Fallback));
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d.is_allowed() && d.source == Source::Fallback)
+    );
     assert!(limiter.is_store_down());
     server.resume().unwrap();
     wait_until_shared(&limiter, "third").await;
@@ -73,10 +95,19 @@ async fn fail_open_allows_without_waiting_while_redis_is_paused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_denies_without_waiting_while_redis_is_paused() {
     let server = RedisServer::start().unwrap();
-    let limiter = limiter(&server, FailureMode::Closed, Limits::single(Quota::per_second(100).unwrap())).await;
+    let limiter = limiter(
+        &server,
+        FailureMode::Closed,
+        Limits::single(Quota::per_second(100).unwrap()),
+    )
+    .await;
     server.pause().unwrap();
     let decisions = timed_checks(&limiter, "k", 20).await;
-    assert!(decisions.iter().all(|d| d.verdict == Verdict::Denied && d.retry_after == Some(RECHECK)));
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d.verdict == Verdict::Denied && d.retry_after == Some(RECHECK))
+    );
     server.resume().unwrap();
     wait_until_shared(&limiter, "k2").await;
 }
@@ -102,7 +133,12 @@ async fn fail_local_divides_the_quota_by_the_instances_while_redis_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_and_restarted_redis_is_used_again() {
     let mut server = RedisServer::start().unwrap();
-    let limiter = limiter(&server, FailureMode::Open, Limits::single(Quota::per_second(5).unwrap())).await;
+    let limiter = limiter(
+        &server,
+        FailureMode::Open,
+        Limits::single(Quota::per_second(5).unwrap()),
+    )
+    .await;
     assert_eq!(limiter.check("k", 1).await.unwrap().source, Source::Shared);
     server.kill().unwrap();
     let start = Instant::now();

@@ -203,30 +203,38 @@ async fn corrupt_state_is_reported_and_replaced_not_trusted() {
     let store = RedisStore::new(conn.clone(), &support::prefix("corrupt"));
     let limits = Limits::single(Quota::per_second(1).unwrap());
     let mut c = conn.clone();
-    redis::cmd("HSET")
-        .arg(store.redis_key("k"))
-        .arg("0")
-        .arg("not-a-number")
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap();
+    let set = |key: String, value: &'static str| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    set(store.redis_key("k"), "not-a-number").await;
     let d = store.check("k", &limits, 1).await.unwrap();
     assert!(d.is_allowed());
-    let now: String = redis::cmd("HGET")
+    let now: String = redis::cmd("GET")
         .arg(store.redis_key("k"))
-        .arg("0")
         .query_async(&mut c)
         .await
         .unwrap();
     assert!(now.parse::<u64>().is_ok(), "replaced by a TAT, got {now:?}");
+    // A negative or fractional TAT is as corrupt as text.
+    set(store.redis_key("neg"), "-5:1.5").await;
+    assert!(store.check("neg", &limits, 1).await.unwrap().is_allowed());
     // A key of the wrong type is an error the failure mode handles, never a panic.
-    redis::cmd("SET")
-        .arg(store.redis_key("str"))
+    redis::cmd("HSET")
+        .arg(store.redis_key("hash"))
+        .arg("f")
         .arg("x")
         .query_async::<()>(&mut c)
         .await
         .unwrap();
-    assert!(store.check("str", &limits, 1).await.is_err());
+    assert!(store.check("hash", &limits, 1).await.is_err());
 }
 
 #[tokio::test]

@@ -18,8 +18,9 @@ pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 /// `redis::aio::ConnectionManager` (reconnects by itself) for a single server, a
 /// `redis::cluster_async::ClusterConnection` for Redis Cluster.
 ///
-/// Each key is one hash `PREFIX{KEY}` (the braces are a hash tag: everything about a key lives
-/// in one cluster slot) with one field per quota, expiring when its last TAT passes. The check
+/// Each key is one string `PREFIX{KEY}` (the braces are a hash tag: everything about a key lives
+/// in one cluster slot) holding the quotas' TATs joined by `:`, written with `SET .. PX` so it
+/// expires when its last TAT passes. The check
 /// is `EVALSHA` of [`GCRA_SCRIPT`] (loaded again on `NOSCRIPT`), using the server's clock.
 ///
 /// ```no_run

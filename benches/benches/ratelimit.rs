@@ -1,0 +1,138 @@
+//! stanchion-ratelimit next to governor 0.10 (in-process) and a bare EVALSHA (Redis), in one run.
+//!
+//! `cargo bench -p stanchion-benches --bench ratelimit && scripts/bench-report`
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use stanchion_ratelimit::{Limits, LocalLimiter, Quota, RateLimitStore, RedisStore};
+use stanchion_testkit::RedisServer;
+
+const KEYS: u64 = 10_000;
+
+fn in_process(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ratelimit_keyed");
+    let per_second = NonZeroU32::new(1_000_000).expect("non-zero");
+    let governor = governor::RateLimiter::keyed(governor::Quota::per_second(per_second));
+    let ours =
+        LocalLimiter::<u64>::new(Limits::single(Quota::per_second(1_000_000).unwrap())).unwrap();
+    // Warm both maps with every key.
+    for k in 0..KEYS {
+        let _ = governor.check_key(&k);
+        let _ = ours.check(&k, 1);
+    }
+    let mut k = 0u64;
+    g.bench_function("governor_check_key", |b| {
+        b.iter(|| {
+            k = (k + 1) % KEYS;
+            black_box(governor.check_key(&k).is_ok())
+        })
+    });
+    let mut k = 0u64;
+    g.bench_function("stanchion_local_check", |b| {
+        b.iter(|| {
+            k = (k + 1) % KEYS;
+            black_box(ours.check(&k, 1).is_allowed())
+        })
+    });
+    g.finish();
+}
+
+/// 64 checks in flight at all times on one multiplexed connection; time per check.
+fn redis_in_flight(c: &mut Criterion) {
+    const IN_FLIGHT: u64 = 64;
+    let server = RedisServer::start().expect("redis-server");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let conn = rt.block_on(async {
+        let client = redis::Client::open(server.url()).expect("url");
+        redis::aio::ConnectionManager::new(client)
+            .await
+            .expect("connects")
+    });
+    let mut g = c.benchmark_group("ratelimit_redis_64_in_flight");
+    g.measurement_time(Duration::from_secs(8));
+
+    async fn drive<F, Fut>(iters: u64, one: F) -> Duration
+    where
+        F: Fn(u64) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let one = Arc::new(one);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..IN_FLIGHT {
+            let one = one.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = t;
+                while i < iters {
+                    one(i).await;
+                    i += IN_FLIGHT;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        start.elapsed()
+    }
+
+    let trivial = Arc::new(redis::Script::new("return 1"));
+    g.bench_function("bare_evalsha_trivial", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (conn, script) = (conn.clone(), trivial.clone());
+            drive(iters, move |_| {
+                let (mut conn, script) = (conn.clone(), script.clone());
+                async move {
+                    let v: i64 = script.invoke_async(&mut conn).await.expect("EVALSHA");
+                    black_box(v);
+                }
+            })
+        })
+    });
+    let store = Arc::new(RedisStore::new(conn.clone(), "bench:"));
+    let limits = Arc::new(
+        Limits::new()
+            .with("second", Quota::per_second(1_000_000).unwrap())
+            .unwrap()
+            .with("hour", Quota::per_hour(1_000_000_000).unwrap())
+            .unwrap(),
+    );
+    g.bench_function("stanchion_redis_check_two_limits", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (store, limits) = (store.clone(), limits.clone());
+            drive(iters, move |i| {
+                let (store, limits) = (store.clone(), limits.clone());
+                async move {
+                    let key = format!("k{}", i % 1000);
+                    let d = store.check(&key, &limits, 1).await.expect("check");
+                    black_box(d);
+                }
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("ratelimit_redis_sequential");
+    g.bench_function("bare_evalsha_trivial", |b| {
+        b.to_async(&rt).iter(|| {
+            let (mut conn, script) = (conn.clone(), trivial.clone());
+            async move {
+                let v: i64 = script.invoke_async(&mut conn).await.expect("EVALSHA");
+                black_box(v)
+            }
+        })
+    });
+    g.bench_function("stanchion_redis_check_two_limits", |b| {
+        b.to_async(&rt).iter(|| {
+            let (store, limits) = (store.clone(), limits.clone());
+            async move { black_box(store.check("seq", &limits, 1).await.expect("check")) }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, in_process, redis_in_flight);
+criterion_main!(benches);

@@ -1,0 +1,233 @@
+//! The middleware with axum: headers, 429 with Retry-After, spoofed X-Forwarded-For ignored,
+//! preflight exemption, shared state across clones, and the Redis store behind it.
+#![cfg(feature = "tower")]
+
+mod support;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use http::{Request, StatusCode};
+use stanchion_ratelimit::{
+    ClientIp, HeaderKey, Limits, LocalLimiter, MissingKey, PeerAddr, Quota, RateLimitLayer,
+    RateLimiter, RedisStore,
+};
+use tower::ServiceExt;
+
+fn limits() -> Limits {
+    Limits::new()
+        .with("burst", Quota::per_second(2).unwrap())
+        .unwrap()
+        .with(
+            "daily",
+            Quota::new(100, std::time::Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap()
+}
+
+fn app(layer: RateLimitLayer<LocalLimiter<String>, Limits, ClientIp>) -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer)
+}
+
+fn local_layer() -> RateLimitLayer<LocalLimiter<String>, Limits, ClientIp> {
+    let limiter = RateLimiter::builder(
+        LocalLimiter::<String>::new(Limits::new()).unwrap(),
+        limits(),
+    )
+    .build()
+    .unwrap();
+    RateLimitLayer::new(limiter, ClientIp::trusting(["10.0.0.0/8"]).unwrap())
+}
+
+fn request(peer: &str, xff: Option<&str>) -> Request<Body> {
+    let mut b = Request::builder().uri("/");
+    if let Some(x) = xff {
+        b = b.header("x-forwarded-for", x);
+    }
+    let mut req = b.body(Body::empty()).unwrap();
+    req.extensions_mut()
+        .insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
+    req
+}
+
+#[tokio::test]
+async fn every_response_carries_the_draft_headers_and_denials_get_429_with_retry_after() {
+    let app = app(local_layer().legacy_headers(true));
+    let first = app
+        .clone()
+        .oneshot(request("203.0.113.1:1", None))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let h = first.headers();
+    assert_eq!(
+        h["ratelimit-policy"],
+        "\"burst\";q=2;w=1, \"daily\";q=100;w=86400"
+    );
+    assert_eq!(h["ratelimit"], "\"burst\";r=1;t=1");
+    assert_eq!(h["x-ratelimit-limit"], "2");
+    assert_eq!(h["x-ratelimit-remaining"], "1");
+    app.clone()
+        .oneshot(request("203.0.113.1:1", None))
+        .await
+        .unwrap();
+    let denied = app
+        .clone()
+        .oneshot(request("203.0.113.1:1", None))
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(denied.headers()["retry-after"], "1");
+    assert_eq!(denied.headers()["ratelimit"], "\"burst\";r=0;t=1");
+    // Another client is unaffected.
+    let other = app.oneshot(request("203.0.113.2:1", None)).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let app = app(local_layer());
+    // An attacker rotating X-Forwarded-For values still shares one bucket: its own address.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let spoof = format!("198.51.100.{i}");
+        let res = app
+            .clone()
+            .oneshot(request("203.0.113.66:1", Some(&spoof)))
+            .await
+            .unwrap();
+        statuses.push(res.status());
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count(),
+        2
+    );
+    // Through a trusted proxy, the forwarded address is the key.
+    for i in 0..2 {
+        let client = format!("198.51.100.{i}");
+        let res = app
+            .clone()
+            .oneshot(request("10.0.0.5:1", Some(&client)))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "client {client}");
+    }
+}
+
+#[tokio::test]
+async fn clones_of_the_layer_share_one_limiter_and_preflight_is_exempt() {
+    let layer = local_layer().exempt_cors_preflight(true);
+    let a = app(layer.clone());
+    let b = app(layer);
+    assert_eq!(
+        a.oneshot(request("203.0.113.5:1", None))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.clone()
+            .oneshot(request("203.0.113.5:1", None))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.clone()
+            .oneshot(request("203.0.113.5:1", None))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let mut preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/")
+        .header("access-control-request-method", "GET")
+        .body(Body::empty())
+        .unwrap();
+    preflight
+        .extensions_mut()
+        .insert(PeerAddr("203.0.113.5:1".parse().unwrap()));
+    let res = b.oneshot(preflight).await.unwrap();
+    assert_ne!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
+    let limiter = RateLimiter::builder(
+        LocalLimiter::<String>::new(Limits::new()).unwrap(),
+        limits(),
+    )
+    .build()
+    .unwrap();
+    let reject = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(RateLimitLayer::new(
+            limiter.clone(),
+            HeaderKey::new("x-api-key").unwrap(),
+        ));
+    let no_key = || Request::builder().uri("/").body(Body::empty()).unwrap();
+    assert_eq!(
+        reject.oneshot(no_key()).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let allow = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(limiter, HeaderKey::new("x-api-key").unwrap())
+            .missing_key(MissingKey::Allow),
+    );
+    assert_eq!(
+        allow.oneshot(no_key()).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_middleware_works_over_redis_behind_a_real_server() {
+    let redis = stanchion_testkit::RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&redis.url()).await,
+        &support::prefix("http"),
+    );
+    let limiter = RateLimiter::builder(store, limits()).build().unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(RateLimitLayer::new(limiter, ClientIp::direct()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        codes.push(text.split_whitespace().nth(1).unwrap_or("").to_owned());
+        assert!(
+            text.to_ascii_lowercase().contains("ratelimit-policy:"),
+            "{text}"
+        );
+    }
+    assert_eq!(codes, ["200", "200", "429"]);
+    server.abort();
+}
