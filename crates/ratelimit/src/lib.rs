@@ -3,6 +3,7 @@
 //! See the crate README for the algorithm, how to pick a failure mode, and migration tables.
 
 mod clock;
+mod concurrency;
 mod error;
 pub mod gcra;
 mod limiter;
@@ -14,6 +15,11 @@ mod store;
 mod redis;
 
 pub use crate::clock::{Clock, ManualClock, MonotonicClock};
+pub use crate::concurrency::{
+    ConcurrencyError, ConcurrencyLimiter, ConcurrencyPermit, TooManyInFlight,
+};
+#[cfg(feature = "redis")]
+pub use crate::concurrency::{RedisConcurrencyLimiter, RedisLease};
 pub use crate::error::{BuildError, KeyError, StoreError};
 pub use crate::gcra::{Decision, Source, Verdict};
 pub use crate::limiter::{FailureMode, RateLimiter, RateLimiterBuilder};
