@@ -13,6 +13,18 @@ use stanchion_testkit::RedisServer;
 
 const KEYS: u64 = 10_000;
 
+const MINIMAL_GCRA: &str = r#"
+local t = redis.call("TIME")
+local now = t[1] * 1000000 + t[2]
+local em = tonumber(ARGV[1]) local cap = tonumber(ARGV[2])
+local tat = tonumber(redis.call("GET", KEYS[1])) or now
+if tat < now then tat = now end
+local new = tat + em
+if new - now > cap then return {1, 0} end
+redis.call("SET", KEYS[1], string.format("%d", new), "PX", math.floor((new - now) / 1000) + 1)
+return {0, math.floor((cap - (new - now)) / em)}
+"#;
+
 fn in_process(c: &mut Criterion) {
     let mut g = c.benchmark_group("ratelimit_keyed");
     let per_second = NonZeroU32::new(1_000_000).expect("non-zero");
@@ -87,6 +99,26 @@ fn redis_in_flight(c: &mut Criterion) {
                 let (mut conn, script) = (conn.clone(), script.clone());
                 async move {
                     let v: i64 = script.invoke_async(&mut conn).await.expect("EVALSHA");
+                    black_box(v);
+                }
+            })
+        })
+    });
+    // The ceiling of any GCRA script: one quota, TIME + GET + SET, no validation.
+    let minimal = Arc::new(redis::Script::new(MINIMAL_GCRA));
+    g.bench_function("bare_evalsha_minimal_gcra", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (conn, script) = (conn.clone(), minimal.clone());
+            drive(iters, move |i| {
+                let (mut conn, script) = (conn.clone(), script.clone());
+                async move {
+                    let v: Vec<i64> = script
+                        .key(format!("min:{{k{}}}", i % 1000))
+                        .arg(1u64)
+                        .arg(1_000_000u64)
+                        .invoke_async(&mut conn)
+                        .await
+                        .expect("EVALSHA");
                     black_box(v);
                 }
             })

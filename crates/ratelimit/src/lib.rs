@@ -1,6 +1,44 @@
 //! Rate limits with one GCRA for in-process and Redis-shared state.
 //!
-//! See the crate README for the algorithm, how to pick a failure mode, and migration tables.
+//! # Quick example
+//! ```
+//! use stanchion_ratelimit::{Limits, LocalLimiter, Quota};
+//! let limiter = LocalLimiter::<std::net::IpAddr>::new(Limits::single(Quota::per_second(5)?))?;
+//! let client: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+//! assert!(limiter.check(&client, 1).is_allowed());
+//! # Ok::<(), stanchion_ratelimit::BuildError>(())
+//! ```
+//!
+//! # Concepts
+//! - [`Quota`] (rate, period, burst) and [`Limits`] (up to four quotas checked together);
+//!   [`QuotaSelector`] and [`Plans`] for per-key quotas.
+//! - [`gcra::check`]: the algorithm, pure, in absolute microseconds. [`Decision`] carries the
+//!   [`Verdict`] and what the HTTP headers need.
+//! - [`RateLimitStore`], the seam: [`LocalLimiter`] in process, [`RedisStore`] (feature
+//!   `redis`) shared.
+//! - [`RateLimiter`]: timeout, [`FailureMode`], deny cache, shadow mode over any store.
+//! - [`ConcurrencyLimiter`] and `RedisConcurrencyLimiter`: requests in flight per key.
+//! - [`Clock`]: [`MonotonicClock`], [`ManualClock`].
+//! - Feature `tower`: `RateLimitLayer` with `ClientIp`, `HeaderKey` or closure key extractors.
+//!
+//! # Feature flags
+//! | feature | what |
+//! |---|---|
+//! | `redis` | `RedisStore`, `RedisConcurrencyLimiter` |
+//! | `tower` | `RateLimitLayer` and the key extractors |
+//! | `axum` | `ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
+//! | `metrics` | `ratelimit.denied`, `ratelimit.store_errors` counters |
+//!
+//! # Observability
+//! `tracing` events with `ratelimit.key`, `ratelimit.quota`, `ratelimit.failure_mode`,
+//! `error`; the hot in-process path logs nothing. See the README.
+//!
+//! # MSRV
+//! Rust 1.94.
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 mod clock;
 mod concurrency;

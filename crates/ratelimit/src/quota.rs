@@ -222,7 +222,8 @@ impl Limits {
         self.quotas.get(i).map(|(_, q)| q)
     }
 
-    pub(crate) fn name(&self, i: usize) -> &str {
+    /// The name of quota `i` (`"default"` when out of range).
+    pub fn name(&self, i: usize) -> &str {
         self.quotas
             .get(i)
             .map(|(n, _)| n.as_str())
