@@ -313,3 +313,50 @@ async fn per_key_plans_apply_their_own_quota_through_redis() {
     }
     assert_eq!((free, paid), (2, 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_checks_keep_exact_counts_on_one_server() {
+    let server = RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("batch"),
+    );
+    let limits = Limits::single(Quota::per_minute(10).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (store, limits) = (store.clone(), limits.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = if i % 2 == 0 { "same" } else { "other" };
+            store.check(key, &limits, 1).await.unwrap().is_allowed()
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u32::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 20, "10 per key, whatever the batching");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_checks_over_many_cluster_slots_are_split_by_slot() {
+    let cluster = RedisCluster::shared().unwrap();
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let store = RedisStore::new(
+        client.get_async_connection().await.unwrap(),
+        &support::prefix("slots-batch"),
+    );
+    let limits = Limits::single(Quota::per_minute(4).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let (store, limits) = (store.clone(), limits.clone());
+        tasks.push(tokio::spawn(async move {
+            store.check(&format!("user-{}", i % 50), &limits, 1).await
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        // Every check is answered: batches that span slots are split, never failed.
+        admitted += u32::from(t.await.unwrap().unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 200, "4 per key over 50 keys");
+}

@@ -1,10 +1,13 @@
-//! The Redis store: one Lua script, one round trip per check, on a single server or a cluster.
+//! The Redis store: one Lua script, one round trip per check, on a single server or a cluster,
+//! with concurrent checks coalesced into one script call.
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
+use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot};
 
 use crate::error::StoreError;
 use crate::gcra::{Decision, Source, Verdict};
@@ -14,14 +17,43 @@ use crate::store::RateLimitStore;
 /// The GCRA script (also usable from other languages sharing the same keys).
 pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 
+/// Most checks coalesced into one script call.
+const MAX_BATCH: usize = 64;
+/// Script calls in flight at once per store; checks arriving meanwhile wait and form the next
+/// batch (no timer: a lone check goes out at once).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+type Reply = Result<[i64; 6], StoreError>;
+
+struct Job {
+    key: String,
+    args: Vec<u64>,
+    reply: oneshot::Sender<Reply>,
+}
+
+struct Exec<C> {
+    conn: C,
+    script: redis::Script,
+    fixed_now: Option<u64>,
+    /// Set once a batch spanning several hash slots was refused: from then on, batches hold
+    /// one slot each (Redis Cluster).
+    by_slot: AtomicBool,
+}
+
 /// GCRA state in Redis, through any async redis-rs connection: a
 /// `redis::aio::ConnectionManager` (reconnects by itself) for a single server, a
 /// `redis::cluster_async::ClusterConnection` for Redis Cluster.
 ///
 /// Each key is one string `PREFIX{KEY}` (the braces are a hash tag: everything about a key lives
 /// in one cluster slot) holding the quotas' TATs joined by `:`, written with `SET .. PX` so it
-/// expires when its last TAT passes. The check
-/// is `EVALSHA` of [`GCRA_SCRIPT`] (loaded again on `NOSCRIPT`), using the server's clock.
+/// expires when its last TAT passes. The check is `EVALSHA` of [`GCRA_SCRIPT`] (loaded again on
+/// `NOSCRIPT`), using the server's clock.
+///
+/// Checks made concurrently through one store (and its clones) are coalesced: while four script
+/// calls are under way, new checks queue and go out together in the next call (up to 64), each
+/// still answered after one round trip of its own. A lone check is sent at
+/// once. On Redis Cluster a batch holds keys of one hash slot (learned from the first
+/// `CROSSSLOT` refusal, or set up front with [`for_cluster`](Self::for_cluster)).
 ///
 /// ```no_run
 /// use stanchion_ratelimit::{Limits, Quota, RateLimitStore, RedisStore};
@@ -33,18 +65,27 @@ pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 /// println!("{decision:?}");
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
 pub struct RedisStore<C> {
-    conn: C,
     prefix: Arc<str>,
-    script: Arc<redis::Script>,
-    fixed_now: Option<u64>,
+    exec: Arc<Exec<C>>,
+    queue: Arc<OnceCell<mpsc::UnboundedSender<Job>>>,
+}
+
+impl<C> Clone for RedisStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            prefix: Arc::clone(&self.prefix),
+            exec: Arc::clone(&self.exec),
+            queue: Arc::clone(&self.queue),
+        }
+    }
 }
 
 impl<C> fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("by_slot", &self.exec.by_slot.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -56,24 +97,174 @@ where
     /// A store over `conn`, namespacing its keys with `prefix`.
     pub fn new(conn: C, prefix: &str) -> Self {
         Self {
-            conn,
             prefix: Arc::from(prefix),
-            script: Arc::new(redis::Script::new(GCRA_SCRIPT)),
-            fixed_now: None,
+            exec: Arc::new(Exec {
+                conn,
+                script: redis::Script::new(GCRA_SCRIPT),
+                fixed_now: None,
+                by_slot: AtomicBool::new(false),
+            }),
+            queue: Arc::new(OnceCell::new()),
         }
+    }
+
+    /// Batches hold keys of one hash slot from the start (Redis Cluster).
+    pub fn for_cluster(self) -> Self {
+        self.exec.by_slot.store(true, Ordering::Relaxed);
+        self
     }
 
     /// Uses `now` (microseconds) instead of the server's clock: for deterministic tests only.
     #[doc(hidden)]
-    pub fn with_fixed_now(mut self, now: u64) -> Self {
-        self.fixed_now = Some(now.max(1));
-        self
+    pub fn with_fixed_now(self, now: u64) -> Self {
+        let exec = Exec {
+            conn: self.exec.conn.clone(),
+            script: redis::Script::new(GCRA_SCRIPT),
+            fixed_now: Some(now.max(1)),
+            by_slot: AtomicBool::new(self.exec.by_slot.load(Ordering::Relaxed)),
+        };
+        Self {
+            prefix: self.prefix,
+            exec: Arc::new(exec),
+            queue: Arc::new(OnceCell::new()),
+        }
     }
 
     /// The Redis key holding `key`'s state.
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}{{{}}}", self.prefix, key)
     }
+
+    async fn sender(&self) -> &mpsc::UnboundedSender<Job> {
+        self.queue
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(batcher(Arc::clone(&self.exec), rx));
+                tx
+            })
+            .await
+    }
+}
+
+/// Collects queued checks into batches; ends when every store clone is gone.
+async fn batcher<C>(exec: Arc<Exec<C>>, mut rx: mpsc::UnboundedReceiver<Job>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let exec = Arc::clone(&exec);
+        tokio::spawn(async move {
+            exec.execute(jobs).await;
+            drop(permit);
+        });
+    }
+}
+
+impl<C> Exec<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn execute(&self, jobs: Vec<Job>) {
+        if !self.by_slot.load(Ordering::Relaxed) || jobs.len() == 1 {
+            match self.call(&jobs).await {
+                Err(e) if is_cross_slot(&e) => {
+                    self.by_slot.store(true, Ordering::Relaxed);
+                }
+                result => return answer(jobs, result),
+            }
+        }
+        let mut groups: Vec<(u16, Vec<Job>)> = Vec::new();
+        for job in jobs {
+            let slot = hash_slot(job.key.as_bytes());
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, g)) => g.push(job),
+                None => groups.push((slot, vec![job])),
+            }
+        }
+        for (_, group) in groups {
+            let result = self.call(&group).await;
+            answer(group, result);
+        }
+    }
+
+    async fn call(&self, jobs: &[Job]) -> Result<Vec<i64>, redis::RedisError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(self.fixed_now.unwrap_or(0));
+        for job in jobs {
+            invocation.key(&job.key);
+            for a in &job.args {
+                invocation.arg(*a);
+            }
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await
+    }
+}
+
+fn answer(jobs: Vec<Job>, result: Result<Vec<i64>, redis::RedisError>) {
+    match result {
+        Ok(values) if values.len() == 6 * jobs.len() => {
+            for (job, chunk) in jobs.into_iter().zip(values.chunks_exact(6)) {
+                let mut six = [0i64; 6];
+                six.copy_from_slice(chunk);
+                let _ = job.reply.send(Ok(six));
+            }
+        }
+        Ok(values) => {
+            let msg = format!("expected {} integers, got {}", 6 * jobs.len(), values.len());
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Protocol(msg.clone())));
+            }
+        }
+        Err(e) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Redis(e.clone())));
+            }
+        }
+    }
+}
+
+fn is_cross_slot(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
+        || e.to_string().contains("CROSSSLOT")
+}
+
+/// Redis Cluster's hash slot of a key (CRC16/XMODEM of the key, or of its `{hash tag}`).
+pub(crate) fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&c| c == b'}')
+                .filter(|&len| len > 0)
+                .map(|len| &rest[..len])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
 }
 
 impl<C> RateLimitStore for RedisStore<C>
@@ -81,27 +272,33 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     async fn check(&self, key: &str, limits: &Limits, cost: u32) -> Result<Decision, StoreError> {
-        let mut invocation = self.script.key(self.redis_key(key));
-        invocation
-            .arg(self.fixed_now.unwrap_or(0))
-            .arg(cost)
-            .arg(limits.len());
+        let mut args = Vec::with_capacity(2 + 3 * limits.len());
+        args.push(u64::from(cost));
+        args.push(limits.len() as u64);
         for (_, q) in limits.quotas() {
-            invocation
-                .arg(q.emission_micros())
-                .arg(q.capacity_micros())
-                .arg(q.burst_size());
+            args.extend([
+                q.emission_micros(),
+                q.capacity_micros(),
+                u64::from(q.burst_size()),
+            ]);
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = invocation
-            .invoke_async(&mut conn)
+        let (reply, wait) = oneshot::channel();
+        let job = Job {
+            key: self.redis_key(key),
+            args,
+            reply,
+        };
+        if self.sender().await.send(job).is_err() {
+            return Err(StoreError::Protocol("the batching task stopped".into()));
+        }
+        let six = wait
             .await
-            .map_err(StoreError::Redis)?;
-        parse(&reply, limits)
+            .map_err(|_| StoreError::Protocol("the batching task dropped a check".into()))??;
+        parse(&six, limits)
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.exec.conn.clone();
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
@@ -110,27 +307,27 @@ where
     }
 }
 
-fn parse(reply: &[i64], limits: &Limits) -> Result<Decision, StoreError> {
-    let [verdict, quota, remaining, reset, retry, corrupt] = reply else {
-        return Err(StoreError::Protocol(format!(
-            "expected 6 integers, got {}",
-            reply.len()
-        )));
+fn parse(reply: &[i64; 6], limits: &Limits) -> Result<Decision, StoreError> {
+    let [verdict, quota, remaining, reset, retry, corrupt] = *reply;
+    let verdict = match verdict {
+        0 => Verdict::Allowed,
+        1 => Verdict::Denied,
+        2 => Verdict::Impossible,
+        3 => {
+            return Err(StoreError::Protocol(
+                "the rate-limit key holds a value of another type".into(),
+            ));
+        }
+        other => return Err(StoreError::Protocol(format!("unknown verdict {other}"))),
     };
-    let quota = usize::try_from(*quota)
+    let quota = usize::try_from(quota)
         .ok()
         .filter(|q| *q < limits.len())
         .ok_or_else(|| StoreError::Protocol(format!("quota index {quota} out of range")))?;
     let micros = |v: i64, what: &str| {
         u64::try_from(v).map_err(|_| StoreError::Protocol(format!("negative {what} {v}")))
     };
-    let verdict = match verdict {
-        0 => Verdict::Allowed,
-        1 => Verdict::Denied,
-        2 => Verdict::Impossible,
-        other => return Err(StoreError::Protocol(format!("unknown verdict {other}"))),
-    };
-    if *corrupt > 0 {
+    if corrupt > 0 {
         tracing::warn!(
             ratelimit.corrupt_fields = corrupt,
             "rate-limit state in Redis was not a TAT; it was reset"
@@ -140,12 +337,28 @@ fn parse(reply: &[i64], limits: &Limits) -> Result<Decision, StoreError> {
         verdict,
         quota,
         limit: limits.quota(quota).map_or(0, |q| q.burst_size()),
-        remaining: u32::try_from(micros(*remaining, "remaining")?).unwrap_or(u32::MAX),
-        reset_after: Duration::from_micros(micros(*reset, "reset")?),
+        remaining: u32::try_from(micros(remaining, "remaining")?).unwrap_or(u32::MAX),
+        reset_after: Duration::from_micros(micros(reset, "reset")?),
         retry_after: (verdict == Verdict::Denied)
-            .then(|| micros(*retry, "retry_after").map(Duration::from_micros))
+            .then(|| micros(retry, "retry_after").map(Duration::from_micros))
             .transpose()?,
         shadow_denied: false,
         source: Source::Shared,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_slot;
+
+    #[test]
+    fn hash_slots_follow_the_cluster_spec() {
+        // CRC16/XMODEM("123456789") = 0x31C3.
+        assert_eq!(hash_slot(b"123456789"), 0x31C3);
+        assert_eq!(hash_slot(b"rl:{user-1}"), hash_slot(b"user-1"));
+        assert_eq!(hash_slot(b"{user-1}:inflight"), hash_slot(b"user-1"));
+        // An empty tag does not count: the whole key is hashed.
+        assert_eq!(hash_slot(b"a{}b"), hash_slot(b"a{}b"));
+        assert_ne!(hash_slot(b"a{}b"), hash_slot(b""));
+    }
 }
