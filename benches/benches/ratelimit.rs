@@ -146,6 +146,11 @@ fn redis_in_flight(c: &mut Criterion) {
         })
     });
     g.finish();
+    let stats = store.batch_stats();
+    eprintln!(
+        "coalescing: {stats:?} ({:.1} checks per script call)",
+        stats.checks as f64 / stats.script_calls.max(1) as f64
+    );
 
     let mut g = c.benchmark_group("ratelimit_redis_sequential");
     g.bench_function("bare_evalsha_trivial", |b| {

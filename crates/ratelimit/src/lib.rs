@@ -66,7 +66,7 @@ pub use crate::quota::{Limits, MAX_LIMITS, MAX_PERIOD, Plans, Quota, QuotaSelect
 pub use crate::store::RateLimitStore;
 
 #[cfg(feature = "redis")]
-pub use crate::redis::{GCRA_SCRIPT, RedisStore};
+pub use crate::redis::{BatchStats, GCRA_SCRIPT, RedisStore};
 
 #[cfg(feature = "tower")]
 mod http;

@@ -360,3 +360,35 @@ async fn coalesced_checks_over_many_cluster_slots_are_split_by_slot() {
     }
     assert_eq!(admitted, 200, "4 per key over 50 keys");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_checks_in_flight_are_coalesced() {
+    let server = RedisServer::shared().unwrap();
+    let store = RedisStore::new(
+        support::manager(&server.url()).await,
+        &support::prefix("coalesce"),
+    );
+    let limits = Limits::single(Quota::per_second(1_000_000).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let (store, limits) = (store.clone(), limits.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                store
+                    .check(&format!("k{}", (t * 50 + i) % 1000), &limits, 1)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = store.batch_stats();
+    eprintln!(
+        "{stats:?}: {:.1} checks per script call",
+        stats.checks as f64 / stats.script_calls as f64
+    );
+    assert_eq!(stats.checks, 64 * 50);
+    assert!(stats.script_calls * 2 < stats.checks, "{stats:?}");
+}

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -38,6 +38,18 @@ struct Exec<C> {
     /// Set once a batch spanning several hash slots was refused: from then on, batches hold
     /// one slot each (Redis Cluster).
     by_slot: AtomicBool,
+    calls: AtomicU64,
+    checks: AtomicU64,
+}
+
+/// How well checks were coalesced: script calls made and checks they carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchStats {
+    /// Script calls sent to Redis.
+    pub script_calls: u64,
+    /// Checks answered by them.
+    pub checks: u64,
 }
 
 /// GCRA state in Redis, through any async redis-rs connection: a
@@ -103,6 +115,8 @@ where
                 script: redis::Script::new(GCRA_SCRIPT),
                 fixed_now: None,
                 by_slot: AtomicBool::new(false),
+                calls: AtomicU64::new(0),
+                checks: AtomicU64::new(0),
             }),
             queue: Arc::new(OnceCell::new()),
         }
@@ -122,11 +136,21 @@ where
             script: redis::Script::new(GCRA_SCRIPT),
             fixed_now: Some(now.max(1)),
             by_slot: AtomicBool::new(self.exec.by_slot.load(Ordering::Relaxed)),
+            calls: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
         };
         Self {
             prefix: self.prefix,
             exec: Arc::new(exec),
             queue: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Script calls made and checks carried so far (their ratio is the average batch size).
+    pub fn batch_stats(&self) -> BatchStats {
+        BatchStats {
+            script_calls: self.exec.calls.load(Ordering::Relaxed),
+            checks: self.exec.checks.load(Ordering::Relaxed),
         }
     }
 
@@ -199,6 +223,8 @@ where
     }
 
     async fn call(&self, jobs: &[Job]) -> Result<Vec<i64>, redis::RedisError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.checks.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(self.fixed_now.unwrap_or(0));
         for job in jobs {
