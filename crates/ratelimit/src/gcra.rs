@@ -101,6 +101,11 @@ pub type Tats = [u64; MAX_LIMITS];
 /// ```
 #[allow(clippy::needless_range_loop)] // parallel arrays indexed by quota
 pub fn check(limits: &Limits, tats: &mut Tats, now: u64, cost: u32) -> Decision {
+    if limits.len() == 1
+        && let Some(q) = limits.quota(0)
+    {
+        return check_one(q, &mut tats[0], now, cost);
+    }
     let n = limits.len().min(MAX_LIMITS);
     let mut new = [0u64; MAX_LIMITS];
     // Impossible first: nothing else matters.
@@ -178,6 +183,46 @@ pub fn check(limits: &Limits, tats: &mut Tats, now: u64, cost: u32) -> Decision 
         shadow_denied: false,
         source: Source::Local,
     }
+}
+
+/// The same rules for a single quota, without the bookkeeping of several.
+#[inline]
+fn check_one(q: &crate::quota::Quota, tat: &mut u64, now: u64, cost: u32) -> Decision {
+    let (t, cap, burst) = (q.emission_micros(), q.capacity_micros(), q.burst_size());
+    let start = (*tat).max(now);
+    let mut decision = Decision {
+        verdict: Verdict::Allowed,
+        quota: 0,
+        limit: burst,
+        remaining: 0,
+        reset_after: Duration::ZERO,
+        retry_after: None,
+        shadow_denied: false,
+        source: Source::Local,
+    };
+    if cost > burst {
+        decision.verdict = Verdict::Impossible;
+        decision.remaining = remaining(cap, t, start - now);
+        decision.reset_after = Duration::from_micros((*tat).saturating_sub(now));
+        return decision;
+    }
+    let next = start.saturating_add(u64::from(cost) * t);
+    if next - now > cap {
+        decision.verdict = Verdict::Denied;
+        decision.remaining = remaining(cap, t, start - now);
+        decision.reset_after = Duration::from_micros(start - now);
+        decision.retry_after = Some(Duration::from_micros(next - now - cap));
+        return decision;
+    }
+    let after = if cost > 0 {
+        *tat = next;
+        next
+    } else {
+        start
+    };
+    decision.remaining = remaining(cap, t, after - now);
+    decision.reset_after = Duration::from_micros(after - now);
+    decision
 }
 
 #[inline]
