@@ -43,7 +43,9 @@ async fn timed_checks(
         let bound = if i == 0 {
             TIMEOUT + Duration::from_millis(30)
         } else {
-            Duration::from_millis(5)
+            // Far below the 50 ms timeout: decided without waiting for Redis (the margin is for
+            // a loaded CI machine, not for any wait).
+            Duration::from_millis(15)
         };
         assert!(
             took <= bound,
