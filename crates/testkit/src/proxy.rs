@@ -255,6 +255,14 @@ async fn pump(
                 Fault::None => Duration::ZERO,
             };
             tokio::select! {
+                // A fault change and data arriving together: the change goes first, so a fault
+                // set before bytes were sent applies to those bytes.
+                biased;
+                changed = fault.changed() => {
+                    if changed.is_err() {
+                        return Outcome::Closed;
+                    }
+                }
                 read = read_some(&from, &mut buf) => match read {
                     Ok(0) | Err(_) => return Outcome::Closed,
                     Ok(n) => {
@@ -263,11 +271,6 @@ async fn pump(
                         }
                     }
                 },
-                changed = fault.changed() => {
-                    if changed.is_err() {
-                        return Outcome::Closed;
-                    }
-                }
             }
         }
     };
