@@ -702,18 +702,17 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
     }
 
     fn force(&self, to: State) {
-        let w = self.word.load(Ordering::Acquire);
-        if !self.transition(w, to) {
-            // Lost a race with another transition; the operator's choice wins.
-            self.force(to);
-        }
+        // A lost race with another transition is retried: the operator's choice wins.
+        while !self.transition(self.word.load(Ordering::Acquire), to) {}
     }
 
     /// Moves from the state word `expected` to `to`; false if the word changed meanwhile.
     #[cold]
     fn transition(&self, expected: u64, to: State) -> bool {
-        let Ok(guard) = self.transition.lock() else {
-            return false;
+        // A panic in a user policy's `reset` must not wedge every later transition.
+        let guard = match self.transition.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         };
         if self.word.load(Ordering::Acquire) != expected {
             return false;
@@ -817,8 +816,9 @@ impl<P: FailurePolicy, C: Clock> Permit<'_, P, C> {
     /// Records the call's outcome.
     #[inline]
     pub fn record(mut self, outcome: Outcome) {
-        self.done = true;
         record_and_schedule(self.inner, self.ticket, outcome);
+        // Set afterwards: if a policy panics while recording, `Drop` still returns the permit.
+        self.done = true;
     }
 
     /// The state the call was admitted in.
@@ -856,8 +856,8 @@ impl<P: FailurePolicy, C: Clock> OwnedPermit<P, C> {
     /// Records the call's outcome.
     #[inline]
     pub fn record(mut self, outcome: Outcome) {
-        self.done = true;
         record_and_schedule(&self.inner, self.ticket, outcome);
+        self.done = true;
     }
 }
 

@@ -490,8 +490,9 @@ impl TimeWindow {
     }
 
     fn advance(&self, second: u64) {
-        let Ok(_guard) = self.rotate.lock() else {
-            return;
+        let _guard = match self.rotate.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         };
         let head = self.head.load(Relaxed);
         if second <= head {
@@ -587,8 +588,9 @@ impl FailurePolicy for TimeWindow {
     }
 
     fn reset(&self) {
-        let Ok(_guard) = self.rotate.lock() else {
-            return;
+        let _guard = match self.rotate.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         };
         for bucket in self.buckets.iter().chain(std::iter::once(&self.totals)) {
             bucket.calls.store(0, Relaxed);

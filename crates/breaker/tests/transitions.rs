@@ -392,3 +392,39 @@ fn public_types_are_send_and_sync() {
     let b = CircuitBreaker::builder().build().unwrap();
     future_is_send(b.call(async { Ok::<_, std::io::Error>(()) }));
 }
+
+#[test]
+fn a_policy_that_panics_on_reset_does_not_wedge_the_breaker() {
+    #[derive(Debug)]
+    struct PanicsOnReset(ConsecutiveFailures);
+    impl FailurePolicy for PanicsOnReset {
+        fn record(&self, r: &stanchion_breaker::Record) -> bool {
+            self.0.record(r)
+        }
+        fn reset(&self) {
+            panic!("policy bug");
+        }
+    }
+    let clock = ManualClock::new();
+    let b = CircuitBreaker::builder()
+        .policy(PanicsOnReset(ConsecutiveFailures::new(1).unwrap()))
+        .clock(clock.clone())
+        .open_wait(OpenWait::Fixed(Duration::from_secs(1)))
+        .half_open_calls(1)
+        .build()
+        .unwrap();
+    let _ = b.call_sync(|| Err::<(), _>(()));
+    clock.advance(Duration::from_secs(1));
+    // Closing calls `reset`, which panics while the transition lock is held.
+    let shared = b.clone();
+    let closing = std::thread::spawn(move || shared.call_sync(|| Ok::<_, ()>(()))).join();
+    assert!(closing.is_err());
+    // Not stuck in half-open: the panicking probe's permit came back.
+    assert_eq!(b.state(), State::HalfOpen);
+    assert!(b.try_acquire().is_ok());
+    // Operators can still switch it.
+    b.force_open();
+    assert_eq!(b.state(), State::ForcedOpen);
+    b.disable();
+    assert_eq!(b.state(), State::Disabled);
+}
