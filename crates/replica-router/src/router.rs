@@ -375,6 +375,7 @@ impl ReplicaRouterBuilder {
             start: Instant::now(),
             failover: tokio::sync::Mutex::new(()),
             stop: tokio::sync::watch::channel(false).0,
+            pool: self.pool,
         });
         inner.check_round().await;
         let weak = Arc::downgrade(&inner);
@@ -405,6 +406,7 @@ struct Inner {
     start: Instant,
     failover: tokio::sync::Mutex<()>,
     stop: tokio::sync::watch::Sender<bool>,
+    pool: PgPoolOptions,
 }
 
 /// Routes reads to PostgreSQL streaming replicas and writes to the primary, over sqlx pools.
@@ -606,7 +608,6 @@ impl ReplicaRouter {
 
     /// A connection for a read of the given freshness.
     pub async fn read(&self, consistency: Consistency<'_>) -> Result<ReadConn, RouteError> {
-        let inner = &self.inner;
         match consistency {
             Consistency::Primary => self.read_primary(false).await,
             Consistency::AfterWrite { at, window } if at.elapsed() < window => {
@@ -618,12 +619,7 @@ impl ReplicaRouter {
                     .await
             }
             Consistency::AtLeast(token) => self.read_token(token, None).await,
-            Consistency::Session(session) => {
-                let token = session.token();
-                let conn = self.read_token(token, Some(session)).await?;
-                let _ = inner;
-                Ok(conn)
-            }
+            Consistency::Session(session) => self.read_token(session.token(), Some(session)).await,
         }
     }
 
@@ -983,11 +979,9 @@ impl Inner {
                     }
                     let old = &self.nodes[current];
                     let new = &self.nodes[i];
-                    // Connections to the old primary are from before the change: drop them.
-                    let fresh = PgPoolOptions::new()
-                        .max_connections(old_pool_size(&self.write_pool(current)))
-                        .acquire_timeout(Duration::from_secs(2))
-                        .connect_lazy_with(old.options.clone());
+                    // Connections to the old primary are from before the change: drop them. The
+                    // replacement has the pool settings the router was built with.
+                    let fresh = self.pool.clone().connect_lazy_with(old.options.clone());
                     let stale = match old.write_pool.write() {
                         Ok(mut pool) => std::mem::replace(&mut *pool, fresh),
                         Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
@@ -1010,10 +1004,6 @@ impl Inner {
         }
         false
     }
-}
-
-fn old_pool_size(pool: &PgPool) -> u32 {
-    pool.options().get_max_connections()
 }
 
 impl Drop for Inner {
