@@ -132,6 +132,20 @@ fn redis_in_flight(c: &mut Criterion) {
             .with("hour", Quota::per_hour(1_000_000_000).unwrap())
             .unwrap(),
     );
+    let one_limit = Arc::new(Limits::single(Quota::per_second(1_000_000).unwrap()));
+    g.bench_function("stanchion_redis_check_one_limit", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (store, limits) = (store.clone(), one_limit.clone());
+            drive(iters, move |i| {
+                let (store, limits) = (store.clone(), limits.clone());
+                async move {
+                    let key = format!("k{}", i % 1000);
+                    let d = store.check(&key, &limits, 1).await.expect("check");
+                    black_box(d);
+                }
+            })
+        })
+    });
     g.bench_function("stanchion_redis_check_two_limits", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let (store, limits) = (store.clone(), limits.clone());

@@ -45,6 +45,13 @@ pub enum StoreError {
     #[cfg(feature = "redis")]
     #[error("redis rate-limit script failed")]
     Redis(#[source] redis::RedisError),
+    /// Too many checks are already waiting for this store (a hung or overloaded Redis): this
+    /// one was refused at once instead of joining an ever longer queue.
+    #[error("rate-limit store has {queued} checks waiting; refused without queuing")]
+    Overloaded {
+        /// Checks waiting when this one arrived.
+        queued: usize,
+    },
     /// The store answered something this version does not understand (corrupt state, another
     /// program writing the key): reported, never unwrapped.
     #[error("unexpected reply from the rate-limit store: {0}")]

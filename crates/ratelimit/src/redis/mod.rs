@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -19,6 +19,8 @@ pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 
 /// Most checks coalesced into one script call.
 const MAX_BATCH: usize = 64;
+/// Most checks waiting for a batch per store (see [`RedisStore::MAX_QUEUED`]).
+const MAX_QUEUED: usize = 4096;
 /// Script calls in flight at once per store; checks arriving meanwhile wait and form the next
 /// batch (no timer: a lone check goes out at once). Two keep Redis busy while the next batch
 /// forms; more make smaller batches (measured: 4 gave 10 checks per call and lower
@@ -55,6 +57,8 @@ struct Exec<C> {
     by_slot: AtomicBool,
     calls: AtomicU64,
     checks: AtomicU64,
+    /// Checks sent to the batcher and not yet in a batch.
+    queued: AtomicUsize,
 }
 
 /// How well checks were coalesced: script calls made and checks they carried.
@@ -83,7 +87,10 @@ pub struct BatchStats {
 /// still answered after one round trip of its own; the call reads all their keys with one
 /// `MGET` and sends a limit set shared by several checks once. A lone check is sent at once.
 /// On Redis Cluster a batch holds keys of one hash slot (learned from the first `CROSSSLOT`
-/// refusal, or set up front with [`for_cluster`](Self::for_cluster)).
+/// refusal, or set up front with [`for_cluster`](Self::for_cluster)). At most
+/// [`MAX_QUEUED`](Self::MAX_QUEUED) checks wait for a batch; beyond that a check fails at once with
+/// [`StoreError::Overloaded`](crate::StoreError::Overloaded), so a Redis that stops answering
+/// cannot grow the queue without bound.
 ///
 /// ```no_run
 /// use stanchion_ratelimit::{Limits, Quota, RateLimitStore, RedisStore};
@@ -120,6 +127,18 @@ impl<C> fmt::Debug for RedisStore<C> {
     }
 }
 
+impl<C> RedisStore<C> {
+    /// Most checks waiting for a batch; more are refused with
+    /// [`StoreError::Overloaded`](crate::StoreError::Overloaded) rather than queued behind a
+    /// Redis that does not answer.
+    ///
+    /// ```
+    /// # use stanchion_ratelimit::RedisStore;
+    /// assert_eq!(RedisStore::<redis::aio::ConnectionManager>::MAX_QUEUED, 4096);
+    /// ```
+    pub const MAX_QUEUED: usize = MAX_QUEUED;
+}
+
 impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -135,6 +154,7 @@ where
                 by_slot: AtomicBool::new(false),
                 calls: AtomicU64::new(0),
                 checks: AtomicU64::new(0),
+                queued: AtomicUsize::new(0),
             }),
             queue: Arc::new(OnceCell::new()),
         }
@@ -156,6 +176,7 @@ where
             by_slot: AtomicBool::new(self.exec.by_slot.load(Ordering::Relaxed)),
             calls: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
         };
         Self {
             prefix: self.prefix,
@@ -210,6 +231,7 @@ where
                 Err(_) => break,
             }
         }
+        exec.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
         let exec = Arc::clone(&exec);
         tokio::spawn(async move {
             exec.execute(jobs).await;
@@ -384,7 +406,13 @@ where
             spec_len,
             reply,
         };
+        let queued = self.exec.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= MAX_QUEUED {
+            self.exec.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(StoreError::Overloaded { queued });
+        }
         if self.sender().await.send(job).is_err() {
+            self.exec.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(StoreError::Protocol("the batching task stopped".into()));
         }
         let four = wait
