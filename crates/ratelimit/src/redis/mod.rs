@@ -267,11 +267,17 @@ where
         }
     }
 
-    async fn call(&self, jobs: &[Job]) -> Result<Vec<i64>, redis::RedisError> {
+    async fn call(&self, jobs: &[Job]) -> Result<Vec<u8>, redis::RedisError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.checks.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(jobs.len());
+        let key_bytes: usize = jobs.iter().map(|j| j.key.len()).sum();
+        let mut cmd = redis::Cmd::with_capacity(
+            8 + jobs.len() * 3 + 3 * crate::quota::MAX_LIMITS,
+            64 + key_bytes + jobs.len() * 8 + 64 * crate::quota::MAX_LIMITS,
+        );
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(jobs.len());
         for job in jobs {
             cmd.arg(&job.key);
         }
@@ -328,17 +334,32 @@ where
     }
 }
 
-fn answer(jobs: Vec<Job>, result: Result<Vec<i64>, redis::RedisError>) {
+fn answer(jobs: Vec<Job>, result: Result<Vec<u8>, redis::RedisError>) {
     match result {
-        Ok(values) if values.len() == 4 * jobs.len() => {
-            for (job, chunk) in jobs.into_iter().zip(values.chunks_exact(4)) {
+        Ok(bytes) if bytes.len() == 32 * jobs.len() => {
+            for (job, chunk) in jobs.into_iter().zip(bytes.chunks_exact(32)) {
                 let mut four = [0i64; 4];
-                four.copy_from_slice(chunk);
-                let _ = job.reply.send(Ok(four));
+                let mut bad = None;
+                for (slot, raw) in four.iter_mut().zip(chunk.chunks_exact(8)) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(raw);
+                    let v = f64::from_le_bytes(b);
+                    // Every value the script sends is a whole number within +-2^53.
+                    if v.is_finite() && v.fract() == 0.0 && v.abs() <= 9_007_199_254_740_992.0 {
+                        *slot = v as i64;
+                    } else {
+                        bad = Some(v);
+                    }
+                }
+                let reply = match bad {
+                    None => Ok(four),
+                    Some(v) => Err(StoreError::Protocol(format!("not a whole number: {v}"))),
+                };
+                let _ = job.reply.send(reply);
             }
         }
-        Ok(values) => {
-            let msg = format!("expected {} integers, got {}", 4 * jobs.len(), values.len());
+        Ok(bytes) => {
+            let msg = format!("expected {} bytes, got {}", 32 * jobs.len(), bytes.len());
             for job in jobs {
                 let _ = job.reply.send(Err(StoreError::Protocol(msg.clone())));
             }
