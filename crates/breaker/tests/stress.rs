@@ -104,7 +104,17 @@ async fn thousands_of_cancelled_probe_tasks_never_leave_it_stuck() {
                 .await;
         }));
     }
-    tokio::task::yield_now().await;
+    // Let every task reach the breaker: two hold the probe permits (sleeping), the rest were
+    // rejected and are done. Aborting before they ran would test nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tasks.iter().filter(|t| t.is_finished()).count() < 1998 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tasks never reached the breaker"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(b.stats().rejected, 1998);
     for t in &tasks {
         t.abort();
     }
