@@ -284,7 +284,10 @@ async fn a_denied_key_is_remembered_locally_until_its_retry_time() {
         support::manager(&server.url()).await,
         &support::prefix("deny"),
     );
+    // A generous timeout: this test is about the deny cache, and the shared server is busy with
+    // the other tests of this file.
     let limiter = RateLimiter::builder(store, Limits::single(Quota::per_second(1).unwrap()))
+        .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     assert_eq!(
@@ -318,6 +321,7 @@ async fn shadow_mode_allows_and_flags_would_be_denials() {
     );
     let limiter = RateLimiter::builder(store, Limits::single(Quota::per_minute(1).unwrap()))
         .shadow(true)
+        .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     let first = limiter.check("k", 1).await.unwrap();
@@ -547,7 +551,8 @@ async fn futures_join_all<F: std::future::Future>(
 
 #[tokio::test]
 async fn a_flushed_script_cache_is_reloaded_without_the_caller_noticing() {
-    let server = RedisServer::shared().unwrap();
+    // A server of its own: flushing the shared one would disturb the other tests.
+    let server = RedisServer::start().unwrap();
     let conn = support::manager(&server.url()).await;
     let store = RedisStore::new(conn.clone(), &support::prefix("noscript"));
     let limits = Limits::single(Quota::per_minute(100).unwrap());
@@ -564,4 +569,20 @@ async fn a_flushed_script_cache_is_reloaded_without_the_caller_noticing() {
     }
     // The state survived the reloads: four checks so far.
     assert_eq!(store.check("k", &limits, 0).await.unwrap().remaining, 96);
+}
+
+#[tokio::test]
+async fn empty_limits_allow_without_touching_redis() {
+    let server = RedisServer::shared().unwrap();
+    let conn = support::manager(&server.url()).await;
+    let store = RedisStore::new(conn.clone(), &support::prefix("empty"));
+    let d = store.check("k", &Limits::new(), 5).await.unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(store.batch_stats().script_calls, 0);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(store.redis_key("k"))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
 }

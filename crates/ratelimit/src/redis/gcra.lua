@@ -3,7 +3,8 @@
 --
 -- KEYS[k]  the state of request k: one string of n + 1 little-endian doubles, the key's expiry
 --          in Unix milliseconds, then each quota's TAT in microseconds (integers below 2^53,
---          so exact). Binary because Lua parses and prints it ten times faster than decimals.
+--          so exact). Binary because Lua reads and writes it several times faster than
+--          decimal text.
 -- ARGV[1]  now in microseconds, or 0 to use the server's TIME
 -- ARGV[2]  1 when no key appears twice in KEYS, else 0
 -- ARGV[3]  S, the number of distinct limit sets in the batch; then per set: its number of
@@ -11,9 +12,9 @@
 --          burst
 -- then     either 0 and, per request k, its cost and the (1-based) index of its limit set,
 --          or 1 and one cost for every request, all of set 1
--- Returns, per request, 4 integers: verdict (0 allowed, 1 denied, 2 impossible, 3 the key
--- holds another type) + 4 * quota index (0-based) + 16 * corrupt values; remaining;
--- reset_after_us; retry_after_us.
+-- Returns one string of little-endian doubles, 4 per request, each a whole number: verdict
+-- (0 allowed, 1 denied, 2 impossible, 3 the key holds another type) + 4 * quota index (0-based)
+-- + 16 * corrupt values; remaining; reset_after_us; retry_after_us.
 --
 -- Cost per request on the server: a share of one MGET and one SET. The SET keeps the key's
 -- TTL (KEEPTTL, the cheapest write) while the stored expiry still covers the newest TAT, and

@@ -409,6 +409,10 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     async fn check(&self, key: &str, limits: &Limits, cost: u32) -> Result<Decision, StoreError> {
+        if limits.is_empty() {
+            // Nothing limits this key (as `RateLimiter` decides too): no state to keep.
+            return Ok(Decision::allow_all(Source::Local));
+        }
         let mut spec = [0u64; SPEC_LEN];
         let mut spec_len = 0;
         for ((_, q), slot) in limits.quotas().zip(spec.chunks_exact_mut(3)) {
