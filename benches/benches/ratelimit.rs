@@ -133,32 +133,24 @@ fn redis_in_flight(c: &mut Criterion) {
             .unwrap(),
     );
     let one_limit = Arc::new(Limits::single(Quota::per_second(1_000_000).unwrap()));
-    g.bench_function("stanchion_redis_check_one_limit", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let (store, limits) = (store.clone(), one_limit.clone());
-            drive(iters, move |i| {
+    for (name, limits) in [
+        ("stanchion_redis_check_one_limit", one_limit),
+        ("stanchion_redis_check_two_limits", limits.clone()),
+    ] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
                 let (store, limits) = (store.clone(), limits.clone());
-                async move {
-                    let key = format!("k{}", i % 1000);
-                    let d = store.check(&key, &limits, 1).await.expect("check");
-                    black_box(d);
-                }
+                drive(iters, move |i| {
+                    let (store, limits) = (store.clone(), limits.clone());
+                    async move {
+                        let key = format!("k{}", i % 1000);
+                        let d = store.check(&key, &limits, 1).await.expect("check");
+                        black_box(d);
+                    }
+                })
             })
-        })
-    });
-    g.bench_function("stanchion_redis_check_two_limits", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let (store, limits) = (store.clone(), limits.clone());
-            drive(iters, move |i| {
-                let (store, limits) = (store.clone(), limits.clone());
-                async move {
-                    let key = format!("k{}", i % 1000);
-                    let d = store.check(&key, &limits, 1).await.expect("check");
-                    black_box(d);
-                }
-            })
-        })
-    });
+        });
+    }
     g.finish();
     let stats = store.batch_stats();
     eprintln!(

@@ -219,7 +219,7 @@ async fn corrupt_state_is_reported_and_replaced_not_trusted() {
     let store = RedisStore::new(conn.clone(), &support::prefix("corrupt"));
     let limits = Limits::single(Quota::per_second(1).unwrap());
     let mut c = conn.clone();
-    let set = |key: String, value: &'static str| {
+    let set = |key: String, value: Vec<u8>| {
         let mut c = conn.clone();
         async move {
             redis::cmd("SET")
@@ -230,7 +230,7 @@ async fn corrupt_state_is_reported_and_replaced_not_trusted() {
                 .unwrap()
         }
     };
-    set(store.redis_key("k"), "not-a-number").await;
+    set(store.redis_key("k"), b"not-a-number".to_vec()).await;
     let d = store.check("k", &limits, 1).await.unwrap();
     assert!(d.is_allowed());
     let state: Vec<u8> = redis::cmd("GET")
@@ -248,22 +248,11 @@ async fn corrupt_state_is_reported_and_replaced_not_trusted() {
         "replaced by a fresh state, got expiry {expiry_ms} ms, TAT {tat_us} us"
     );
     // Sixteen bytes that are not two whole non-negative numbers are as corrupt as text.
-    let mut negative = (-5f64).to_le_bytes().to_vec();
-    negative.extend(1.5f64.to_le_bytes());
-    redis::cmd("SET")
-        .arg(store.redis_key("neg"))
-        .arg(negative)
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap();
+    let negative = [(-5f64).to_le_bytes(), 1.5f64.to_le_bytes()].concat();
+    set(store.redis_key("neg"), negative).await;
     assert!(store.check("neg", &limits, 1).await.unwrap().is_allowed());
     let nan = [f64::NAN.to_le_bytes(), f64::INFINITY.to_le_bytes()].concat();
-    redis::cmd("SET")
-        .arg(store.redis_key("nan"))
-        .arg(nan)
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap();
+    set(store.redis_key("nan"), nan).await;
     assert!(store.check("nan", &limits, 1).await.unwrap().is_allowed());
     assert!(store.check("nan", &limits, 1).await.unwrap().verdict == Verdict::Denied);
     // A key of the wrong type is an error the failure mode handles, never a panic.
