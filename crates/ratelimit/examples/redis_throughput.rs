@@ -1,12 +1,12 @@
 //! How many shared checks per second one Redis takes, and where the CPU goes.
 //!
-//! Starts a private `redis-server` (testkit), keeps 64 checks in flight on one
+//! Starts a private `redis-server` (testkit), keeps 64 (or IN_FLIGHT) checks in flight on one
 //! `ConnectionManager` and prints, per check: wall time, this process's CPU time and the
 //! server's CPU time (`INFO cpu`), for a bare `EVALSHA` of `return 1` and for `RedisStore` with one
 //! and with two quotas over 1,000 keys.
 //!
 //! ```sh
-//! cargo run --release -p stanchion-ratelimit --features redis --example redis_throughput [CHECKS]
+//! cargo run --release -p stanchion-ratelimit --features redis --example redis_throughput [CHECKS [IN_FLIGHT]]
 //! ```
 
 use std::sync::Arc;
@@ -14,8 +14,6 @@ use std::time::Instant;
 
 use stanchion_ratelimit::{Limits, Quota, RateLimitStore, RedisStore};
 use stanchion_testkit::RedisServer;
-
-const IN_FLIGHT: u64 = 64;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -83,19 +81,24 @@ async fn one_check(setup: &Setup, workload: Workload, i: u64) -> Result<(), Erro
     Ok(())
 }
 
-async fn run(setup: &Arc<Setup>, workload: Workload, checks: u64) -> Result<[f64; 3], Error> {
+async fn run(
+    setup: &Arc<Setup>,
+    workload: Workload,
+    checks: u64,
+    in_flight: u64,
+) -> Result<[f64; 3], Error> {
     let mut conn = setup.conn.clone();
     let server_before = server_cpu_seconds(&mut conn).await?;
     let own_before = own_cpu_seconds()?;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for first in 0..IN_FLIGHT {
+    for first in 0..in_flight {
         let setup = Arc::clone(setup);
         tasks.push(tokio::spawn(async move {
             let mut i = first;
             while i < checks {
                 one_check(&setup, workload, i).await?;
-                i += IN_FLIGHT;
+                i += in_flight;
             }
             Ok::<(), Error>(())
         }));
@@ -112,10 +115,9 @@ async fn run(setup: &Arc<Setup>, workload: Workload, checks: u64) -> Result<[f64
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let checks: u64 = match std::env::args().nth(1) {
-        Some(n) => n.parse()?,
-        None => 200_000,
-    };
+    let mut args = std::env::args().skip(1);
+    let checks: u64 = args.next().map_or(Ok(200_000), |n| n.parse())?;
+    let in_flight: u64 = args.next().map_or(Ok(64), |n| n.parse())?;
     let server = RedisServer::start()?;
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(server.url())?).await?;
     let setup = Arc::new(Setup {
@@ -134,16 +136,16 @@ async fn main() -> Result<(), Error> {
     ];
     // A first round warms connections, the script cache and the keys; the second is reported.
     for (_, workload) in workloads {
-        run(&setup, workload, checks / 4).await?;
+        run(&setup, workload, checks / 4, in_flight).await?;
     }
-    println!("{checks} checks, {IN_FLIGHT} in flight; microseconds per check");
+    println!("{checks} checks, {in_flight} in flight; microseconds per check");
     println!(
         "{:<28} {:>8} {:>11} {:>11}",
         "", "wall", "client CPU", "Redis CPU"
     );
     let mut trivial_wall = None;
     for (name, workload) in workloads {
-        let [wall, own, redis] = run(&setup, workload, checks).await?;
+        let [wall, own, redis] = run(&setup, workload, checks, in_flight).await?;
         let share = trivial_wall
             .map(|t: f64| {
                 format!(

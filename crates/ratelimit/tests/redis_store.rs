@@ -575,3 +575,38 @@ async fn empty_limits_allow_without_touching_redis() {
         .unwrap();
     assert_eq!(exists, 0);
 }
+
+/// Coalescing waits only to match a larger call already in flight: a check arriving while a
+/// single-check call is under way goes out at once, one round trip, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_behind_a_small_call_is_not_held_back() {
+    use stanchion_testkit::{Fault, FaultProxy};
+    let server = RedisServer::shared().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let conn = support::manager(&format!("redis://{}/", proxy.addr())).await;
+    let store = RedisStore::new(conn, &support::prefix("behind"));
+    let limits = Limits::single(Quota::per_second(1000).unwrap());
+    store.check("warm", &limits, 1).await.unwrap();
+    let one_way = Duration::from_millis(100);
+    proxy.set(Fault::Latency(one_way));
+    let first = {
+        let (store, limits) = (store.clone(), limits.clone());
+        tokio::spawn(async move { store.check("a", &limits, 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = Instant::now();
+    let second = store.check("b", &limits, 1).await.unwrap();
+    let took = start.elapsed();
+    assert!(second.is_allowed());
+    assert!(first.await.unwrap().unwrap().is_allowed());
+    // One round trip is 200 ms; waiting for the first call to return would make it about 380.
+    assert!(
+        took < Duration::from_millis(300),
+        "the second check took {took:?}"
+    );
+    assert_eq!(
+        store.batch_stats().script_calls,
+        3,
+        "warm-up, first, second"
+    );
+}

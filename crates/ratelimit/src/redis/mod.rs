@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use tokio::sync::{OnceCell, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, oneshot};
 
 use crate::error::StoreError;
 use crate::gcra::{Decision, Source, Verdict};
@@ -24,7 +24,8 @@ const MAX_QUEUED: usize = 4096;
 /// Script calls in flight at once per store; checks arriving meanwhile wait and form the next
 /// batch (no timer: a lone check goes out at once). Two keep Redis busy while the next batch
 /// forms; more make smaller batches (measured: 4 gave 10 checks per call and lower
-/// throughput, 1 left Redis idle between calls).
+/// throughput, 1 left Redis idle between calls). The second call waits to be as large as the
+/// first (up to half of `MAX_BATCH`) or for the first to return; see `batcher`.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 type Reply = Result<[i64; 4], StoreError>;
@@ -220,22 +221,46 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let finished = Arc::new(Notify::new());
+    // Checks in the calls under way.
+    let ahead = Arc::new(AtomicUsize::new(0));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
         let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        loop {
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            // While a call keeps Redis busy, the next one waits to be as large as it, up to half
+            // a full batch (or for it to return): a call's fixed cost on the server is then
+            // spread over many checks under load, and a lone check still goes out at once.
+            let busy = ahead.load(Ordering::Acquire);
+            if busy == 0 || jobs.len() >= busy.min(MAX_BATCH / 2) {
+                break;
+            }
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => jobs.push(job),
+                    None => break,
+                },
+                () = finished.notified() => {}
             }
         }
         exec.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
-        let exec = Arc::clone(&exec);
+        let n = jobs.len();
+        ahead.fetch_add(n, Ordering::AcqRel);
+        let (exec, finished, ahead) =
+            (Arc::clone(&exec), Arc::clone(&finished), Arc::clone(&ahead));
         tokio::spawn(async move {
             exec.execute(jobs).await;
+            ahead.fetch_sub(n, Ordering::AcqRel);
             drop(permit);
+            finished.notify_one();
         });
     }
 }
