@@ -86,7 +86,10 @@ pub struct BatchStats {
 /// Checks made concurrently through one store (and its clones) are coalesced: while two script
 /// calls are under way, new checks queue and go out together in the next call (up to 64), each
 /// still answered after one round trip of its own; the call reads all their keys with one
-/// `MGET` and sends a limit set shared by several checks once. A lone check is sent at once.
+/// `MGET` and sends a limit set shared by several checks once. A lone check is sent at once;
+/// a call sent while another is under way waits until it holds as many checks as that one (at
+/// most 32) or that one returns, so under load each call's fixed cost on the server is spread
+/// over many checks.
 /// On Redis Cluster a batch holds keys of one hash slot (learned from the first `CROSSSLOT`
 /// refusal, or set up front with [`for_cluster`](Self::for_cluster)). At most
 /// [`MAX_QUEUED`](Self::MAX_QUEUED) checks wait for a batch; beyond that a check fails at once with
