@@ -298,14 +298,8 @@ where
     async fn call(&self, jobs: &[Job]) -> Result<Vec<u8>, redis::RedisError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.checks.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        let key_bytes: usize = jobs.iter().map(|j| j.key.len()).sum();
-        let mut cmd = redis::Cmd::with_capacity(
-            8 + jobs.len() * 3 + 3 * crate::quota::MAX_LIMITS,
-            64 + key_bytes + jobs.len() * 8 + 64 * crate::quota::MAX_LIMITS,
-        );
-        cmd.arg("EVALSHA")
-            .arg(self.script.get_hash())
-            .arg(jobs.len());
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(jobs.len());
         for job in jobs {
             cmd.arg(&job.key);
         }
