@@ -1,8 +1,8 @@
 //! The four wrappers combined in one documented order.
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::breaker::{CircuitBreaker, State};
@@ -221,10 +221,12 @@ impl<P: FailurePolicy, C: Clock> Pipeline<P, C> {
             })?),
             None => None,
         };
-        let attempts = Cell::new(0u32);
+        // An atomic rather than a `Cell`: the counter is borrowed across `.await`, and a `Cell`
+        // would make this future `!Send` (rejected by `tokio::spawn` and axum handlers).
+        let attempts = AtomicU32::new(0);
         let timeout = self.timeout;
         let one = || {
-            attempts.set(attempts.get() + 1);
+            attempts.fetch_add(1, Ordering::Relaxed);
             let fut = attempt();
             async move {
                 match timeout {
@@ -252,11 +254,11 @@ impl<P: FailurePolicy, C: Clock> Pipeline<P, C> {
         result.map_err(|e| match e {
             AttemptError::Timeout(limit) => CallError::Timeout {
                 limit,
-                attempts: attempts.get(),
+                attempts: attempts.load(Ordering::Relaxed),
             },
             AttemptError::Inner(error) => CallError::Failed {
                 error,
-                attempts: attempts.get(),
+                attempts: attempts.load(Ordering::Relaxed),
             },
         })
     }
