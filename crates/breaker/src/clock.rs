@@ -101,10 +101,14 @@ impl ManualClock {
         Self::default()
     }
 
-    /// Moves time forward.
+    /// Moves time forward (saturating at `u64::MAX` nanoseconds, never wrapping back).
     pub fn advance(&self, by: Duration) {
         let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.nanos.fetch_add(nanos, Ordering::SeqCst);
+        let _ = self
+            .nanos
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(nanos))
+            });
     }
 
     /// Sets the time (never backwards: an earlier value is ignored).

@@ -15,7 +15,9 @@ use crate::error::{BuildError, RetryError};
 pub enum RetryDecision {
     /// Retry after the backoff delay.
     Retry,
-    /// Retry after this delay (a server's `Retry-After` hint), if within the limits.
+    /// Retry after this delay (a server's `Retry-After` hint), if within the limits. The hint is
+    /// capped by [`RetryBuilder::max_hint`] (default 60 s), so a server answering
+    /// `Retry-After: 86400` cannot put a call to sleep for a day.
     RetryAfter(Duration),
     /// Do not retry: the error is permanent.
     Stop,
@@ -189,7 +191,11 @@ impl RetryBudget {
         let bp = u64::from(self.inner.percent_bp);
         self.with_bucket(|b, calls, retries| {
             // retries < min + calls * percent, in basis points to stay in integers.
-            if retries * 10_000 < min * 10_000 + calls * bp {
+            if retries.saturating_mul(10_000)
+                < min
+                    .saturating_mul(10_000)
+                    .saturating_add(calls.saturating_mul(bp))
+            {
                 b.2 += 1;
                 true
             } else {
@@ -229,8 +235,12 @@ pub struct Retry {
     multiplier: f64,
     jitter: Jitter,
     max_elapsed: Option<Duration>,
+    max_hint: Duration,
     budget: Option<RetryBudget>,
 }
+
+/// The default cap on a server's retry hint.
+const DEFAULT_MAX_HINT: Duration = Duration::from_secs(60);
 
 /// Settings of a [`Retry`].
 #[derive(Debug, Clone)]
@@ -241,7 +251,7 @@ pub struct RetryBuilder {
 
 impl Retry {
     /// Defaults: 3 attempts, 100 ms base doubling to a 10 s cap, full jitter, no elapsed limit,
-    /// no budget.
+    /// server hints capped at 60 s, no budget.
     pub fn builder() -> RetryBuilder {
         RetryBuilder {
             retry: Retry {
@@ -251,6 +261,7 @@ impl Retry {
                 multiplier: 2.0,
                 jitter: Jitter::Full,
                 max_elapsed: None,
+                max_hint: DEFAULT_MAX_HINT,
                 budget: None,
             },
         }
@@ -270,7 +281,13 @@ impl Retry {
             Jitter::Full => capped * unit_random(),
             Jitter::Proportional(f) => capped * (1.0 - f + 2.0 * f * unit_random()),
         };
-        Duration::from_secs_f64(secs.max(0.0))
+        // Saturates: proportional jitter can exceed a cap near `Duration::MAX`.
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+    }
+
+    /// The longest delay a server's hint ([`RetryDecision::RetryAfter`]) can ask for.
+    pub fn max_hint(&self) -> Duration {
+        self.max_hint
     }
 
     /// Runs `attempt` until it succeeds or a limit is reached; every error is retryable.
@@ -307,7 +324,7 @@ impl Retry {
             let delay = match classifier.decide(&error) {
                 RetryDecision::Stop => return Err(RetryError::NotRetryable(error)),
                 RetryDecision::Retry => self.delay(attempts),
-                RetryDecision::RetryAfter(hint) => hint,
+                RetryDecision::RetryAfter(hint) => hint.min(self.max_hint),
             };
             if attempts >= self.max_attempts {
                 return Err(RetryError::Exhausted {
@@ -316,7 +333,7 @@ impl Retry {
                 });
             }
             if let Some(max) = self.max_elapsed
-                && start.elapsed() + delay > max
+                && start.elapsed().saturating_add(delay) > max
             {
                 return Err(RetryError::Exhausted {
                     attempts,
@@ -374,6 +391,14 @@ impl RetryBuilder {
         self
     }
 
+    /// The longest wait a server's retry hint may impose (default 60 s); a longer hint is cut to
+    /// this. Combine with [`max_elapsed`](Self::max_elapsed) to give up instead of retrying
+    /// early.
+    pub fn max_hint(mut self, max: Duration) -> Self {
+        self.retry.max_hint = max;
+        self
+    }
+
     /// Limits retries to a share of calls.
     pub fn budget(mut self, budget: RetryBudget) -> Self {
         self.retry.budget = Some(budget);
@@ -412,6 +437,9 @@ impl RetryBuilder {
             && max.is_zero()
         {
             return Err(BuildError::new("max_elapsed", "greater than zero", "0s"));
+        }
+        if r.max_hint.is_zero() {
+            return Err(BuildError::new("max_hint", "greater than zero", "0s"));
         }
         Ok(self.retry)
     }
@@ -485,6 +513,7 @@ mod tests {
             "jitter"
         );
         assert_eq!(field(Retry::builder().multiplier(0.5)), "multiplier");
+        assert_eq!(field(Retry::builder().max_hint(Duration::ZERO)), "max_hint");
         assert_eq!(
             field(Retry::builder().backoff(Duration::from_secs(2), Duration::from_secs(1))),
             "backoff.cap"
