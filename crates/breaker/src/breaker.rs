@@ -257,6 +257,7 @@ pub struct CircuitBreakerBuilder<P = CountWindow, C = CoarseClock> {
     clock: C,
     open_wait: OpenWait,
     half_open_calls: u32,
+    half_open_failure_bp: Option<u32>,
     automatic_half_open: bool,
     on_event: Option<Arc<dyn OnEvent>>,
 }
@@ -269,6 +270,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreakerBuilder<P, C> {
             .field("clock", &self.clock)
             .field("open_wait", &self.open_wait)
             .field("half_open_calls", &self.half_open_calls)
+            .field("half_open_failure_bp", &self.half_open_failure_bp)
             .field("automatic_half_open", &self.automatic_half_open)
             .finish_non_exhaustive()
     }
@@ -283,6 +285,7 @@ impl Default for CircuitBreakerBuilder {
             clock: CoarseClock::default(),
             open_wait: OpenWait::Fixed(Duration::from_secs(60)),
             half_open_calls: 10,
+            half_open_failure_bp: None,
             automatic_half_open: false,
             on_event: None,
         }
@@ -304,6 +307,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
             clock: self.clock,
             open_wait: self.open_wait,
             half_open_calls: self.half_open_calls,
+            half_open_failure_bp: self.half_open_failure_bp,
             automatic_half_open: self.automatic_half_open,
             on_event: self.on_event,
         }
@@ -317,6 +321,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
             clock,
             open_wait: self.open_wait,
             half_open_calls: self.half_open_calls,
+            half_open_failure_bp: self.half_open_failure_bp,
             automatic_half_open: self.automatic_half_open,
             on_event: self.on_event,
         }
@@ -328,16 +333,49 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
         self
     }
 
-    /// Probe calls admitted in half-open (default 10, at least 1). All must succeed to close;
-    /// any failure opens again.
+    /// Probe calls admitted in half-open (default 10, 1 to 65,535). By default all must succeed
+    /// to close and any failure opens again (gobreaker's rule); see
+    /// [`half_open_failure_rate`](Self::half_open_failure_rate) for resilience4j's.
+    ///
+    /// A slow probe that succeeds counts as a success: the slow-call threshold belongs to the
+    /// failure policy, which judges only calls made while closed. Classify slow probes as
+    /// failures with a [`Classifier`] if they should reopen the breaker.
     pub fn half_open_calls(mut self, calls: u32) -> Self {
         self.half_open_calls = calls;
         self
     }
 
+    /// Decides half-open by a failure rate over the probes (resilience4j's rule) instead of
+    /// "all must succeed": once every one of the `half_open_calls` probes has an outcome, the
+    /// breaker opens if at least `percent` of them failed and closes otherwise. It opens as soon
+    /// as enough probes failed that the remaining ones cannot bring the rate below `percent`.
+    ///
+    /// ```
+    /// use stanchion_breaker::{CircuitBreaker, ConsecutiveFailures};
+    /// // Four probes; close unless half or more of them fail.
+    /// let breaker = CircuitBreaker::builder()
+    ///     .policy(ConsecutiveFailures::new(5)?)
+    ///     .half_open_calls(4)
+    ///     .half_open_failure_rate(50.0)
+    ///     .build()?;
+    /// # let _ = breaker;
+    /// # Ok::<(), stanchion_breaker::BuildError>(())
+    /// ```
+    pub fn half_open_failure_rate(mut self, percent: f64) -> Self {
+        // Validated in `build`; NaN is kept so that it is rejected there.
+        self.half_open_failure_bp =
+            Some(if percent.is_nan() || percent <= 0.0 || percent > 100.0 {
+                u32::MAX
+            } else {
+                (percent * 100.0).round() as u32
+            });
+        self
+    }
+
     /// Move to half-open as soon as the open wait passes, on a timer (needs a tokio runtime at
-    /// the time the breaker opens), instead of on the next call (the default). Either way, a
-    /// call or [`CircuitBreaker::state`] after the wait sees half-open.
+    /// the time the breaker opens), and also from [`CircuitBreaker::state`] once the wait has
+    /// passed. Off (the default), the breaker stays `Open`, as `state()` reports, until the
+    /// first call after the wait, which moves it to half-open and is admitted as a probe.
     pub fn automatic_half_open(mut self, automatic: bool) -> Self {
         self.automatic_half_open = automatic;
         self
@@ -353,8 +391,19 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
     pub fn build(self) -> Result<CircuitBreaker<P, C>, BuildError> {
         let policy = self.policy?;
         self.open_wait.validate()?;
-        if self.half_open_calls == 0 {
-            return Err(BuildError::new("half_open_calls", "at least 1", 0));
+        if self.half_open_calls == 0 || self.half_open_calls > MAX_HALF_OPEN_CALLS {
+            return Err(BuildError::new(
+                "half_open_calls",
+                "between 1 and 65535",
+                self.half_open_calls,
+            ));
+        }
+        if self.half_open_failure_bp == Some(u32::MAX) {
+            return Err(BuildError::new(
+                "half_open_failure_rate",
+                "a percentage in (0, 100]",
+                "a value outside it",
+            ));
         }
         let needs_clock = policy.needs_clock();
         Ok(CircuitBreaker {
@@ -362,7 +411,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
                 word: AtomicU64::new(word(0, State::Closed)),
                 open_until: AtomicU64::new(0),
                 probes: AtomicU64::new(0),
-                probe_successes: AtomicU32::new(0),
+                probe_outcomes: AtomicU64::new(0),
                 consecutive_opens: AtomicU32::new(0),
                 rejected: AtomicU64::new(0),
                 transitions: AtomicU64::new(0),
@@ -373,6 +422,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
                 name: self.name,
                 open_wait: self.open_wait,
                 half_open_calls: self.half_open_calls,
+                half_open_failure_bp: self.half_open_failure_bp,
                 automatic_half_open: self.automatic_half_open,
                 on_event: self.on_event,
             }),
@@ -431,7 +481,10 @@ struct Inner<P, C> {
     open_until: AtomicU64,
     /// (generation as u32) << 32 | probe permits left.
     probes: AtomicU64,
-    probe_successes: AtomicU32,
+    /// (generation as u32) << 32 | successes << 16 | failures: the outcomes of this half-open
+    /// round's probes, tagged like the permits so that a late probe of an earlier round can never
+    /// count toward this one.
+    probe_outcomes: AtomicU64,
     consecutive_opens: AtomicU32,
     rejected: AtomicU64,
     transitions: AtomicU64,
@@ -442,9 +495,13 @@ struct Inner<P, C> {
     name: Arc<str>,
     open_wait: OpenWait,
     half_open_calls: u32,
+    half_open_failure_bp: Option<u32>,
     automatic_half_open: bool,
     on_event: Option<Arc<dyn OnEvent>>,
 }
+
+/// Most probe calls in one half-open round (the outcome counters have 16 bits each).
+const MAX_HALF_OPEN_CALLS: u32 = u16::MAX as u32;
 
 /// What an admitted call carries until its outcome is recorded.
 #[derive(Debug, Clone, Copy)]
@@ -673,18 +730,49 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
                 }
             }
             State::HalfOpen => match outcome {
-                Outcome::Failure => {
+                Outcome::Ignored => self.release_probe(ticket),
+                Outcome::Failure if self.half_open_failure_bp.is_none() => {
                     self.transition(ticket.word, State::Open);
                 }
-                Outcome::Success => {
-                    let done = self.probe_successes.fetch_add(1, Ordering::AcqRel) + 1;
-                    if done >= self.half_open_calls {
-                        self.transition(ticket.word, State::Closed);
+                Outcome::Success | Outcome::Failure => {
+                    let failure = outcome == Outcome::Failure;
+                    if let Some(to) = self.count_probe(ticket, failure) {
+                        self.transition(ticket.word, to);
                     }
                 }
-                Outcome::Ignored => self.release_probe(ticket),
             },
             State::Open | State::ForcedOpen | State::Disabled => {}
+        }
+    }
+
+    /// Counts a probe's outcome in its own half-open round and says where the round goes, if it
+    /// is decided. `None` also when the round is over (the tag no longer matches).
+    fn count_probe(&self, ticket: Ticket, failure: bool) -> Option<State> {
+        let generation = (ticket.word >> STATE_BITS) as u32;
+        let add = if failure { 1 } else { 1 << 16 };
+        let counted = self
+            .probe_outcomes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                ((p >> 32) as u32 == generation).then(|| p + add)
+            })
+            .ok()?
+            + add;
+        let successes = u64::from((counted >> 16) as u16);
+        let failures = u64::from(counted as u16);
+        let n = u64::from(self.half_open_calls);
+        match self.half_open_failure_bp {
+            None => (successes >= n).then_some(State::Closed),
+            Some(bp) => {
+                let bp = u64::from(bp);
+                // Open as soon as the rate is reached even if every remaining probe succeeds.
+                if failures * 10_000 >= bp * n {
+                    Some(State::Open)
+                } else if successes + failures >= n {
+                    Some(State::Closed)
+                } else {
+                    None
+                }
+            }
         }
     }
 
@@ -703,7 +791,27 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
 
     fn force(&self, to: State) {
         // A lost race with another transition is retried: the operator's choice wins.
-        while !self.transition(self.word.load(Ordering::Acquire), to) {}
+        loop {
+            let w = self.word.load(Ordering::Acquire);
+            if word_state(w) == to {
+                // Already there: no transition, no event. `reset` still empties the window.
+                if to == State::Closed {
+                    let _guard = match self.transition.lock() {
+                        Ok(g) => g,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if self.word.load(Ordering::Acquire) != w {
+                        continue;
+                    }
+                    self.policy.reset();
+                    self.consecutive_opens.store(0, Ordering::Release);
+                }
+                return;
+            }
+            if self.transition(w, to) {
+                return;
+            }
+        }
     }
 
     /// Moves from the state word `expected` to `to`; false if the word changed meanwhile.
@@ -731,7 +839,8 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
                 wait = Some(d);
             }
             State::HalfOpen => {
-                self.probe_successes.store(0, Ordering::Release);
+                self.probe_outcomes
+                    .store(u64::from(generation as u32) << 32, Ordering::Release);
                 self.probes.store(
                     (u64::from(generation as u32) << 32) | u64::from(self.half_open_calls),
                     Ordering::Release,
@@ -888,5 +997,79 @@ fn record_and_schedule<P: FailurePolicy, C: Clock>(
             let wait = Duration::from_nanos(until.saturating_sub(inner.clock.now_nanos()));
             inner.schedule_half_open(w, wait);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ConsecutiveFailures, ManualClock};
+
+    fn breaker(
+        half_open_calls: u32,
+    ) -> (
+        CircuitBreaker<ConsecutiveFailures, ManualClock>,
+        ManualClock,
+    ) {
+        let clock = ManualClock::new();
+        let breaker = CircuitBreaker::builder()
+            .policy(ConsecutiveFailures::new(1).unwrap())
+            .open_wait(OpenWait::Fixed(Duration::from_secs(1)))
+            .half_open_calls(half_open_calls)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        (breaker, clock)
+    }
+
+    /// The interleaving of issue #11, forced: probe A of one half-open round passes the state
+    /// word check in `record`, then (before it counts its success) another probe fails, the
+    /// breaker reopens and half-opens again. A's count must not go to the new round.
+    #[test]
+    fn a_late_probe_success_never_counts_toward_the_next_half_open_round() {
+        let (cb, clock) = breaker(2);
+        let _ = cb.call_sync(|| Err::<(), _>(()));
+        clock.advance(Duration::from_secs(1));
+        let a = cb.inner.acquire().unwrap();
+        let b = cb.inner.acquire().unwrap();
+        assert_eq!(word_state(a.word), State::HalfOpen);
+        // B fails: open again, then half-open again with a new generation.
+        cb.inner.record(b, Outcome::Failure);
+        assert_eq!(cb.state(), State::Open);
+        clock.advance(Duration::from_secs(2));
+        let c = cb.inner.acquire().unwrap();
+        assert_eq!(cb.state(), State::HalfOpen);
+        // A's increment, the step after its (passed) word check.
+        assert_eq!(cb.inner.count_probe(a, false), None);
+        // One real probe of the new round is not enough to close it.
+        cb.inner.record(c, Outcome::Success);
+        assert_eq!(cb.state(), State::HalfOpen);
+        let d = cb.inner.acquire().unwrap();
+        cb.inner.record(d, Outcome::Success);
+        assert_eq!(cb.state(), State::Closed);
+    }
+
+    #[test]
+    fn probe_counters_are_tagged_with_the_generation_for_the_rate_rule_too() {
+        let clock = ManualClock::new();
+        let cb = CircuitBreaker::builder()
+            .policy(ConsecutiveFailures::new(1).unwrap())
+            .open_wait(OpenWait::Fixed(Duration::from_secs(1)))
+            .half_open_calls(2)
+            .half_open_failure_rate(50.0)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let _ = cb.call_sync(|| Err::<(), _>(()));
+        clock.advance(Duration::from_secs(1));
+        let stale = cb.inner.acquire().unwrap();
+        cb.reset();
+        let _ = cb.call_sync(|| Err::<(), _>(()));
+        clock.advance(Duration::from_secs(1));
+        let fresh = cb.inner.acquire().unwrap();
+        assert_ne!(stale.word, fresh.word);
+        assert_eq!(cb.inner.count_probe(stale, true), None);
+        cb.inner.record(fresh, Outcome::Success);
+        assert_eq!(cb.state(), State::HalfOpen);
     }
 }

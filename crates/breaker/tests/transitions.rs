@@ -428,3 +428,115 @@ fn a_policy_that_panics_on_reset_does_not_wedge_the_breaker() {
     b.disable();
     assert_eq!(b.state(), State::Disabled);
 }
+
+fn rate_rule_breaker(
+    probes: u32,
+    percent: f64,
+) -> (
+    CircuitBreaker<ConsecutiveFailures, ManualClock>,
+    ManualClock,
+) {
+    let clock = ManualClock::new();
+    let b = CircuitBreaker::builder()
+        .policy(ConsecutiveFailures::new(1).unwrap())
+        .clock(clock.clone())
+        .open_wait(OpenWait::Fixed(Duration::from_secs(1)))
+        .half_open_calls(probes)
+        .half_open_failure_rate(percent)
+        .build()
+        .unwrap();
+    fail(&b).unwrap_err();
+    clock.advance(Duration::from_secs(1));
+    (b, clock)
+}
+
+#[test]
+fn the_rate_rule_closes_when_few_enough_probes_fail() {
+    // resilience4j: 4 permitted probes, 50 %: one failure of four is 25 %, close.
+    let (b, _) = rate_rule_breaker(4, 50.0);
+    fail(&b).unwrap_err();
+    assert_eq!(b.state(), State::HalfOpen, "one failure does not decide");
+    succeed(&b).unwrap();
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), State::HalfOpen);
+    succeed(&b).unwrap();
+    assert_eq!(b.state(), State::Closed);
+}
+
+#[test]
+fn the_rate_rule_reopens_when_the_probe_failure_rate_reaches_the_threshold() {
+    let (b, _) = rate_rule_breaker(4, 50.0);
+    succeed(&b).unwrap();
+    fail(&b).unwrap_err();
+    assert_eq!(b.state(), State::HalfOpen);
+    // Two of four failed: 50 % whatever the last probe does, so it opens now.
+    fail(&b).unwrap_err();
+    assert_eq!(b.state(), State::Open);
+    assert_eq!(b.stats().consecutive_opens, 2);
+}
+
+#[test]
+fn the_rate_rule_ignores_ignored_probes() {
+    let (b, _) = rate_rule_breaker(2, 60.0);
+    let p = b.try_acquire().unwrap();
+    p.record(Outcome::Ignored);
+    fail(&b).unwrap_err(); // 1 of 1 so far
+    assert_eq!(b.state(), State::HalfOpen);
+    succeed(&b).unwrap(); // 1 of 2 = 50 % < 60 %
+    assert_eq!(b.state(), State::Closed);
+}
+
+#[test]
+fn a_bad_half_open_rate_or_probe_count_is_a_build_error() {
+    for bad in [0.0, -1.0, 100.5, f64::NAN] {
+        let err = CircuitBreaker::builder()
+            .half_open_failure_rate(bad)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "half_open_failure_rate");
+    }
+    let err = CircuitBreaker::builder()
+        .half_open_calls(70_000)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "half_open_calls");
+}
+
+#[test]
+fn operator_switches_to_the_current_state_publish_no_transition() {
+    let clock = ManualClock::new();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let b = CircuitBreaker::builder()
+        .policy(CountWindow::builder(10).minimum_calls(10).build().unwrap())
+        .clock(clock)
+        .on_event(move |e: &BreakerEvent<'_>| {
+            if let BreakerEvent::Transition { from, to, .. } = e {
+                log.lock().unwrap().push((*from, *to));
+            }
+        })
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        fail(&b).unwrap_err();
+    }
+    assert_eq!(b.stats().window.failures, 3);
+    // reset on a closed breaker empties the window but is no transition.
+    b.reset();
+    assert_eq!(b.stats().window.calls, 0);
+    b.disable();
+    b.disable();
+    b.force_open();
+    b.force_open();
+    b.reset();
+    b.reset();
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![
+            (State::Closed, State::Disabled),
+            (State::Disabled, State::ForcedOpen),
+            (State::ForcedOpen, State::Closed),
+        ]
+    );
+    assert_eq!(b.stats().transitions, 3);
+}
