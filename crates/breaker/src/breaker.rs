@@ -615,7 +615,11 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     pub fn stats(&self) -> Stats {
         Stats {
             state: self.state(),
-            window: self.inner.policy.counts(),
+            window: if self.inner.needs_clock {
+                self.inner.policy.counts_at(self.inner.clock.now_nanos())
+            } else {
+                self.inner.policy.counts()
+            },
             rejected: self.inner.rejected.load(Ordering::Relaxed),
             transitions: self.inner.transitions.load(Ordering::Relaxed),
             consecutive_opens: self.inner.consecutive_opens.load(Ordering::Relaxed),

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::clock::nanos;
@@ -64,6 +64,15 @@ pub trait FailurePolicy: Send + Sync + fmt::Debug + 'static {
     fn counts(&self) -> WindowCounts {
         WindowCounts::default()
     }
+    /// The counts being judged at `now_nanos` (the breaker clock's time): a window over time
+    /// first lets what is older than the window age out, so a window without calls for longer
+    /// than its length reports nothing. The breaker's [`stats`](crate::CircuitBreaker::stats)
+    /// calls this when the policy [needs the clock](Self::needs_clock). Defaults to
+    /// [`counts`](Self::counts).
+    fn counts_at(&self, now_nanos: u64) -> WindowCounts {
+        let _ = now_nanos;
+        self.counts()
+    }
     /// Opens when either policy says so. Both see every call.
     fn or<B: FailurePolicy>(self, other: B) -> Or<Self, B>
     where
@@ -85,6 +94,9 @@ impl FailurePolicy for Box<dyn FailurePolicy> {
     }
     fn counts(&self) -> WindowCounts {
         (**self).counts()
+    }
+    fn counts_at(&self, now_nanos: u64) -> WindowCounts {
+        (**self).counts_at(now_nanos)
     }
 }
 
@@ -109,7 +121,15 @@ impl<A: FailurePolicy, B: FailurePolicy> FailurePolicy for Or<A, B> {
         self.a.needs_clock() || self.b.needs_clock()
     }
     fn counts(&self) -> WindowCounts {
-        let (a, b) = (self.a.counts(), self.b.counts());
+        Self::merge(self.a.counts(), self.b.counts())
+    }
+    fn counts_at(&self, now_nanos: u64) -> WindowCounts {
+        Self::merge(self.a.counts_at(now_nanos), self.b.counts_at(now_nanos))
+    }
+}
+
+impl<A, B> Or<A, B> {
+    fn merge(a: WindowCounts, b: WindowCounts) -> WindowCounts {
         WindowCounts {
             calls: a.calls.max(b.calls),
             failures: a.failures.max(b.failures),
@@ -404,8 +424,10 @@ impl FailurePolicy for CountWindow {
                 self.slow.fetch_add(if slow { 1 } else { -1 }, Relaxed);
             }
         }
-        if !record.failure && !slow {
-            // A fast success can only lower the rates.
+        // A fast success lowers the rates, except for the call that brings the window to its
+        // minimum: that one starts the judging, so it is judged (fail, fail, fail, success,
+        // success with a minimum of 5 at 50 % opens, as in resilience4j).
+        if !record.failure && !slow && index + 1 != u64::from(self.rates.minimum_calls) {
             return false;
         }
         let calls = (index + 1).min(u64::from(self.size)) as i64;
@@ -459,6 +481,9 @@ struct Bucket {
 pub struct TimeWindow {
     rates: Rates,
     head: AtomicU64,
+    /// Set when calls aged out since the last evaluation: the rates may have risen, so the next
+    /// call is judged even if it is a fast success.
+    aged: AtomicBool,
     buckets: Box<[Bucket]>,
     totals: Bucket,
     rotate: Mutex<()>,
@@ -504,11 +529,12 @@ impl TimeWindow {
         } else {
             head + 1
         };
+        let mut dropped = 0;
         for s in from..=second {
             let bucket = &self.buckets[(s % len) as usize];
-            self.totals
-                .calls
-                .fetch_sub(bucket.calls.swap(0, Relaxed), Relaxed);
+            let calls = bucket.calls.swap(0, Relaxed);
+            dropped += calls;
+            self.totals.calls.fetch_sub(calls, Relaxed);
             self.totals
                 .failures
                 .fetch_sub(bucket.failures.swap(0, Relaxed), Relaxed);
@@ -517,6 +543,9 @@ impl TimeWindow {
                 .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
         }
         self.head.store(second, Relaxed);
+        if dropped != 0 {
+            self.aged.store(true, Relaxed);
+        }
     }
 }
 
@@ -542,6 +571,7 @@ impl WindowBuilder<TimeWindow> {
         Ok(TimeWindow {
             rates,
             head: AtomicU64::new(0),
+            aged: AtomicBool::new(false),
             buckets: (0..self.size).map(|_| Bucket::default()).collect(),
             totals: Bucket::default(),
             rotate: Mutex::new(()),
@@ -568,7 +598,7 @@ impl FailurePolicy for TimeWindow {
         let bucket = &self.buckets[(second % len) as usize];
         let slow = record.elapsed_nanos >= self.rates.slow_nanos;
         bucket.calls.fetch_add(1, Relaxed);
-        self.totals.calls.fetch_add(1, Relaxed);
+        let calls = self.totals.calls.fetch_add(1, Relaxed) + 1;
         if record.failure {
             bucket.failures.fetch_add(1, Relaxed);
             self.totals.failures.fetch_add(1, Relaxed);
@@ -578,7 +608,15 @@ impl FailurePolicy for TimeWindow {
             self.totals.slow.fetch_add(1, Relaxed);
         }
         if !record.failure && !slow {
-            return false;
+            // A fast success lowers the rates unless it is the call that brings the window to
+            // its minimum, or older calls (perhaps successes) aged out since the last judgement.
+            let reached_minimum = calls == i64::from(self.rates.minimum_calls);
+            if !reached_minimum && !self.aged.load(Relaxed) {
+                return false;
+            }
+        }
+        if self.aged.load(Relaxed) {
+            self.aged.store(false, Relaxed);
         }
         self.rates.exceeded(
             self.totals.calls.load(Relaxed),
@@ -601,6 +639,14 @@ impl FailurePolicy for TimeWindow {
 
     fn needs_clock(&self) -> bool {
         true
+    }
+
+    fn counts_at(&self, now_nanos: u64) -> WindowCounts {
+        let second = now_nanos / 1_000_000_000;
+        if second > self.head.load(Relaxed) {
+            self.advance(second);
+        }
+        self.counts()
     }
 
     fn counts(&self) -> WindowCounts {
@@ -637,6 +683,84 @@ mod tests {
         assert!(!w.record(&rec(false, 0, 0)));
         // 3 of 4 failed: 75 % >= 50 %.
         assert!(w.record(&rec(true, 0, 0)));
+    }
+
+    #[test]
+    fn the_success_that_reaches_the_minimum_is_judged() {
+        // resilience4j: fail, fail, fail, success, success with a minimum of 5 at 50 % opens
+        // (3 of 5 = 60 %) on the fifth call, a success.
+        let w = CountWindow::builder(10)
+            .failure_rate(50.0)
+            .minimum_calls(5)
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            assert!(!w.record(&rec(true, 0, 0)));
+        }
+        assert!(!w.record(&rec(false, 0, 0)));
+        assert!(w.record(&rec(false, 0, 0)));
+
+        let t = TimeWindow::builder(Duration::from_secs(10))
+            .failure_rate(50.0)
+            .minimum_calls(5)
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            assert!(!t.record(&rec(true, 0, 100)));
+        }
+        assert!(!t.record(&rec(false, 0, 100)));
+        assert!(t.record(&rec(false, 0, 100)));
+    }
+
+    #[test]
+    fn a_success_after_older_successes_aged_out_is_judged() {
+        let t = TimeWindow::builder(Duration::from_secs(10))
+            .failure_rate(50.0)
+            .minimum_calls(5)
+            .build()
+            .unwrap();
+        for _ in 0..10 {
+            assert!(!t.record(&rec(false, 0, 100)));
+        }
+        for _ in 0..5 {
+            assert!(!t.record(&rec(true, 0, 105))); // 5 of 15
+        }
+        // At 111 s the ten successes have aged out: 5 failures and this success, 83 %.
+        assert!(t.record(&rec(false, 0, 111)));
+    }
+
+    #[test]
+    fn aging_seen_by_a_read_is_still_judged_by_the_next_success() {
+        let t = TimeWindow::builder(Duration::from_secs(10))
+            .failure_rate(50.0)
+            .minimum_calls(5)
+            .build()
+            .unwrap();
+        for _ in 0..10 {
+            t.record(&rec(false, 0, 100));
+        }
+        for _ in 0..5 {
+            t.record(&rec(true, 0, 105));
+        }
+        assert_eq!(t.counts_at(111 * 1_000_000_000).calls, 5);
+        assert!(t.record(&rec(false, 0, 111)));
+    }
+
+    #[test]
+    fn time_window_counts_age_out_on_read() {
+        let t = TimeWindow::builder(Duration::from_secs(5))
+            .failure_rate(50.0)
+            .build()
+            .unwrap();
+        t.record(&rec(true, 10, 100));
+        t.record(&rec(false, 10, 102));
+        assert_eq!(t.counts_at(104 * 1_000_000_000).calls, 2);
+        assert_eq!(t.counts_at(105 * 1_000_000_000).calls, 1);
+        assert_eq!(
+            t.counts_at(200 * 1_000_000_000),
+            WindowCounts::default(),
+            "no calls for longer than the window"
+        );
     }
 
     #[test]

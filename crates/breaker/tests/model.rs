@@ -53,6 +53,9 @@ struct Model {
     until: u64,
     left: u32,
     successes: u32,
+    failures: u32,
+    /// resilience4j's half-open rule (failure rate over the probes, basis points), if chosen.
+    rate_bp: Option<u32>,
 }
 
 impl Model {
@@ -64,6 +67,7 @@ impl Model {
             State::HalfOpen => {
                 self.left = self.probes;
                 self.successes = 0;
+                self.failures = 0;
             }
             State::Closed => self.fails = 0,
             _ => {}
@@ -97,15 +101,34 @@ impl Model {
                 }
             }
             (State::Closed, Outcome::Success) => self.fails = 0,
-            (State::HalfOpen, Outcome::Failure) => self.enter(State::Open),
+            (State::HalfOpen, Outcome::Failure) if self.rate_bp.is_none() => {
+                self.enter(State::Open)
+            }
+            (State::HalfOpen, Outcome::Failure) => {
+                self.failures += 1;
+                self.decide_half_open();
+            }
             (State::HalfOpen, Outcome::Success) => {
                 self.successes += 1;
-                if self.successes >= self.probes {
-                    self.enter(State::Closed);
-                }
+                self.decide_half_open();
             }
             (State::HalfOpen, Outcome::Ignored) => self.left += 1,
             _ => {}
+        }
+    }
+
+    fn decide_half_open(&mut self) {
+        match self.rate_bp {
+            None if self.successes >= self.probes => self.enter(State::Closed),
+            None => {}
+            Some(bp) => {
+                // The rate over all probes is at least the threshold whatever the rest do.
+                if u64::from(self.failures) * 10_000 >= u64::from(bp) * u64::from(self.probes) {
+                    self.enter(State::Open);
+                } else if self.successes + self.failures >= self.probes {
+                    self.enter(State::Closed);
+                }
+            }
         }
     }
 
@@ -122,21 +145,25 @@ proptest! {
     #[test]
     fn breaker_matches_the_reference_model(
         threshold in 1u32..5,
-        probes in 1u32..4,
+        probes in 1u32..6,
         wait in 1u64..10,
+        rate_percent in prop::option::of(1u32..=100),
         ops in prop::collection::vec(op(), 1..200),
     ) {
         let clock = ManualClock::new();
-        let breaker = CircuitBreaker::builder()
+        let mut builder = CircuitBreaker::builder()
             .policy(ConsecutiveFailures::new(threshold).unwrap())
             .clock(clock.clone())
             .open_wait(OpenWait::Fixed(Duration::from_secs(wait)))
-            .half_open_calls(probes)
-            .build()
-            .unwrap();
+            .half_open_calls(probes);
+        if let Some(p) = rate_percent {
+            builder = builder.half_open_failure_rate(f64::from(p));
+        }
+        let breaker = builder.build().unwrap();
         let mut model = Model {
             threshold, probes, wait, now: 0, state: State::Closed, generation: 0,
-            fails: 0, until: 0, left: 0, successes: 0,
+            fails: 0, until: 0, left: 0, successes: 0, failures: 0,
+            rate_bp: rate_percent.map(|p| p * 100),
         };
         let mut held = Vec::new();
         for op in ops {

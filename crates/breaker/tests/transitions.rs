@@ -540,3 +540,28 @@ fn operator_switches_to_the_current_state_publish_no_transition() {
     );
     assert_eq!(b.stats().transitions, 3);
 }
+
+#[test]
+fn stats_of_a_time_window_show_only_calls_in_the_window() {
+    let clock = ManualClock::new();
+    let b = CircuitBreaker::builder()
+        .policy(
+            TimeWindow::builder(Duration::from_secs(10))
+                .failure_rate(50.0)
+                .slow_call_rate(Duration::from_millis(100), 50.0)
+                .minimum_calls(100)
+                .build()
+                .unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    clock.advance(Duration::from_secs(50));
+    for _ in 0..4 {
+        fail(&b).unwrap_err();
+    }
+    assert_eq!(b.stats().window.failures, 4);
+    clock.advance(Duration::from_secs(11));
+    let w = b.stats().window;
+    assert_eq!((w.calls, w.failures, w.slow_calls), (0, 0, 0), "{w:?}");
+}
