@@ -388,6 +388,12 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
     }
 
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] naming the setting when the policy's own settings were invalid, the open
+    /// wait is zero (or an exponential wait has a multiplier below 1 or a maximum below its
+    /// initial wait), `half_open_calls` is outside 1 to 65,535, or the half-open failure rate is
+    /// outside (0, 100].
     pub fn build(self) -> Result<CircuitBreaker<P, C>, BuildError> {
         let policy = self.policy?;
         self.open_wait.validate()?;
@@ -406,6 +412,8 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
             ));
         }
         let needs_clock = policy.needs_clock();
+        #[cfg(feature = "metrics")]
+        let counters = Counters::register(&self.name);
         Ok(CircuitBreaker {
             inner: Arc::new(Inner {
                 word: AtomicU64::new(word(0, State::Closed)),
@@ -425,6 +433,8 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
                 half_open_failure_bp: self.half_open_failure_bp,
                 automatic_half_open: self.automatic_half_open,
                 on_event: self.on_event,
+                #[cfg(feature = "metrics")]
+                counters,
             }),
         })
     }
@@ -498,6 +508,40 @@ struct Inner<P, C> {
     half_open_failure_bp: Option<u32>,
     automatic_half_open: bool,
     on_event: Option<Arc<dyn OnEvent>>,
+    #[cfg(feature = "metrics")]
+    counters: Counters,
+}
+
+/// The breaker's counters, registered once when it is built (a rejection or transition then
+/// costs one increment, with no lookup and no allocation of label strings).
+#[cfg(feature = "metrics")]
+struct Counters {
+    /// Indexed by `State::code`.
+    rejected: [metrics::Counter; 5],
+    transitions: [metrics::Counter; 5],
+}
+
+#[cfg(feature = "metrics")]
+impl Counters {
+    const STATES: [State; 5] = [
+        State::Closed,
+        State::Open,
+        State::HalfOpen,
+        State::ForcedOpen,
+        State::Disabled,
+    ];
+
+    fn register(name: &Arc<str>) -> Self {
+        let each = |metric: &'static str| {
+            Self::STATES.map(|state| {
+                metrics::counter!(metric, "breaker.name" => name.to_string(), "breaker.state" => state.as_str())
+            })
+        };
+        Self {
+            rejected: each("breaker.rejected"),
+            transitions: each("breaker.transitions"),
+        }
+    }
 }
 
 /// Most probe calls in one half-open round (the outcome counters have 16 bits each).
@@ -521,6 +565,10 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     /// Runs `call` if the breaker admits it and records its outcome (`Ok` success, `Err`
     /// failure). A cancelled call (the future dropped) records nothing and frees its probe
     /// permit.
+    ///
+    /// # Errors
+    /// [`BreakerError::Open`] when the breaker refused the call (it was not polled), and
+    /// [`BreakerError::Inner`] with the call's own error.
     pub async fn call<F, T, E>(&self, call: F) -> Result<T, BreakerError<E>>
     where
         F: Future<Output = Result<T, E>>,
@@ -529,6 +577,9 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     }
 
     /// Like [`call`](Self::call), with a [`Classifier`] deciding success, failure or ignored.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
     pub async fn call_with<K, F, T, E>(&self, classifier: &K, call: F) -> Result<T, BreakerError<E>>
     where
         K: Classifier<T, E> + ?Sized,
@@ -541,6 +592,12 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     }
 
     /// Runs a synchronous `call` if admitted and records its outcome.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    ///
+    /// # Panics
+    /// Only if `call` panics; the panic passes through and a half-open probe permit is given back.
     pub fn call_sync<F, T, E>(&self, call: F) -> Result<T, BreakerError<E>>
     where
         F: FnOnce() -> Result<T, E>,
@@ -549,6 +606,12 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     }
 
     /// Like [`call_sync`](Self::call_sync), with a [`Classifier`].
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    ///
+    /// # Panics
+    /// Only if `call` or the classifier panics; a half-open probe permit is given back.
     pub fn call_sync_with<K, F, T, E>(&self, classifier: &K, call: F) -> Result<T, BreakerError<E>>
     where
         K: Classifier<T, E> + ?Sized,
@@ -570,6 +633,10 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
     /// permit.record(Outcome::Success);
     /// # Ok::<(), stanchion_breaker::BuildError>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Rejected`] when the breaker is open, forced open, or half-open with every probe permit
+    /// taken.
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit<'_, P, C>, Rejected> {
         let ticket = self.inner.acquire()?;
@@ -582,6 +649,9 @@ impl<P: FailurePolicy, C: Clock> CircuitBreaker<P, C> {
 
     /// Like [`try_acquire`](Self::try_acquire), with a permit that owns a handle to the breaker
     /// (for futures that must be `'static`, such as tower's).
+    ///
+    /// # Errors
+    /// As [`try_acquire`](Self::try_acquire).
     #[inline]
     pub fn try_acquire_owned(&self) -> Result<OwnedPermit<P, C>, Rejected> {
         let ticket = self.inner.acquire()?;
@@ -697,8 +767,7 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
             });
         }
         #[cfg(feature = "metrics")]
-        metrics::counter!("breaker.rejected", "breaker.name" => self.name.to_string(), "breaker.state" => state.as_str())
-            .increment(1);
+        self.counters.rejected[state.code() as usize].increment(1);
         tracing::trace!(breaker.name = %self.name, breaker.state = %state, "call rejected");
         Rejected { state, retry_after }
     }
@@ -876,8 +945,7 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
             ),
         }
         #[cfg(feature = "metrics")]
-        metrics::counter!("breaker.transitions", "breaker.name" => self.name.to_string(), "breaker.state" => to.as_str())
-            .increment(1);
+        self.counters.transitions[to.code() as usize].increment(1);
         if let Some(hook) = &self.on_event {
             hook.on_event(&BreakerEvent::Transition {
                 name: &self.name,

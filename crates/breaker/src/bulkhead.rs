@@ -62,6 +62,11 @@ impl Bulkhead {
         Arc::clone(&self.semaphore)
     }
 
+    /// How long a call may wait for a slot.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
         self.max_concurrent - self.semaphore.available_permits()
@@ -76,6 +81,10 @@ impl Bulkhead {
     }
 
     /// A slot, waiting at most the configured wait.
+    ///
+    /// # Panics
+    /// When it has to wait (a non-zero `max_wait` and no free slot) outside a Tokio runtime with
+    /// the time driver enabled.
     pub async fn acquire(&self) -> Option<BulkheadPermit> {
         if let Some(p) = self.try_acquire() {
             return Some(p);
@@ -91,6 +100,13 @@ impl Bulkhead {
     }
 
     /// Runs `call` in a slot, or refuses it.
+    ///
+    /// # Errors
+    /// [`BulkheadError::Full`] when no slot was free within the wait (`call` did not run), and
+    /// [`BulkheadError::Inner`] with the call's own error.
+    ///
+    /// # Panics
+    /// As [`acquire`](Self::acquire).
     pub async fn call<F, T, E>(&self, call: F) -> Result<T, BulkheadError<E>>
     where
         F: Future<Output = Result<T, E>>,
@@ -122,6 +138,9 @@ impl BulkheadBuilder {
     }
 
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for `max_concurrent` of zero or above tokio's `Semaphore::MAX_PERMITS`.
     pub fn build(self) -> Result<Bulkhead, BuildError> {
         if self.max_concurrent == 0 || self.max_concurrent > Semaphore::MAX_PERMITS {
             return Err(BuildError::new(

@@ -83,6 +83,6 @@ mod timeout;
 mod tower;
 #[cfg(feature = "tower")]
 pub use crate::tower::{
-    BulkheadFuture, BulkheadLayer, BulkheadService, CircuitBreakerFuture, CircuitBreakerLayer,
-    CircuitBreakerService,
+    BulkheadFull, BulkheadFuture, BulkheadLayer, BulkheadService, CircuitBreakerFuture,
+    CircuitBreakerLayer, CircuitBreakerService,
 };

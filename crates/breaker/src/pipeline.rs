@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::breaker::{CircuitBreaker, State};
 use crate::bulkhead::Bulkhead;
 use crate::classify::{Classifier, Outcome};
@@ -182,6 +184,14 @@ impl<P: FailurePolicy, C: Clock> Pipeline<P, C> {
 
     /// Runs `attempt` through the pipeline: every error and timeout is retryable and counts as a
     /// breaker failure.
+    ///
+    /// # Errors
+    /// [`CallError::BulkheadFull`] or [`CallError::Open`] when the call was refused without
+    /// running; [`CallError::Timeout`] or [`CallError::Failed`] for the last attempt.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime with the time driver enabled, when a timeout, a retry delay or a
+    /// bulkhead wait is configured.
     pub async fn call<F, Fut, T, E>(&self, attempt: F) -> Result<T, CallError<E>>
     where
         F: FnMut() -> Fut,
@@ -196,7 +206,34 @@ impl<P: FailurePolicy, C: Clock> Pipeline<P, C> {
 
     /// Like [`call`](Self::call), with a retry classifier and a breaker classifier over
     /// [`AttemptError`].
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    ///
+    /// # Panics
+    /// As [`call`](Self::call).
     pub async fn call_with<R, K, F, Fut, T, E>(
+        &self,
+        retryable: &R,
+        classifier: &K,
+        attempt: F,
+    ) -> Result<T, CallError<E>>
+    where
+        R: RetryClassifier<AttemptError<E>> + ?Sized,
+        K: Classifier<T, AttemptError<E>> + ?Sized,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let span = tracing::debug_span!(
+            "breaker.pipeline",
+            breaker.name = self.breaker.as_ref().map(CircuitBreaker::name),
+        );
+        self.run(retryable, classifier, attempt)
+            .instrument(span)
+            .await
+    }
+
+    async fn run<R, K, F, Fut, T, E>(
         &self,
         retryable: &R,
         classifier: &K,

@@ -155,6 +155,9 @@ pub struct ConsecutiveFailures {
 
 impl ConsecutiveFailures {
     /// Opens on the `threshold`-th failure in a row; `threshold` must be at least 1.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a threshold of zero.
     pub fn new(threshold: u32) -> Result<Self, BuildError> {
         if threshold == 0 {
             return Err(BuildError::new(
@@ -361,6 +364,10 @@ impl CountWindow {
 
 impl WindowBuilder<CountWindow> {
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a size outside 1 to [`MAX_COUNT_WINDOW`], a minimum of calls of zero or
+    /// above the size, a rate outside (0, 100], a zero slow-call duration, or no rate at all.
     pub fn build(self) -> Result<CountWindow, BuildError> {
         let size = u32::try_from(self.size).unwrap_or(u32::MAX);
         if size == 0 || size > MAX_COUNT_WINDOW {
@@ -551,6 +558,11 @@ impl TimeWindow {
 
 impl WindowBuilder<TimeWindow> {
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a length that is not whole seconds from 1 to
+    /// [`MAX_TIME_WINDOW_SECS`], a minimum of calls of zero, a rate outside (0, 100], a zero
+    /// slow-call duration, or no rate at all.
     pub fn build(self) -> Result<TimeWindow, BuildError> {
         if self.size == 0 || self.size > MAX_TIME_WINDOW_SECS {
             return Err(BuildError::new(

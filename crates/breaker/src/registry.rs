@@ -61,6 +61,10 @@ impl<P: FailurePolicy, C: Clock> Registry<P, C> {
     }
 
     /// The breaker called `name`, built on first use.
+    ///
+    /// # Errors
+    /// The factory's [`BuildError`] when it cannot build a breaker for `name` (nothing is kept,
+    /// so the next call tries again).
     pub fn get(&self, name: &str) -> Result<CircuitBreaker<P, C>, BuildError> {
         if let Some(b) = self.read().get(name) {
             return Ok(b.clone());

@@ -118,11 +118,18 @@ impl RetryBudget {
     /// A budget over `window` (whole seconds, 1 to 3600) allowing `min_per_second` retries per
     /// second plus `percent` of calls (0 to 1000: a percentage above 100 allows several retries
     /// per call).
+    ///
+    /// # Errors
+    /// [`BuildError`] for a window that is not whole seconds from 1 to 3600, or a percentage
+    /// outside 0 to 1000.
     pub fn new(window: Duration, min_per_second: u32, percent: f64) -> Result<Self, BuildError> {
         Self::with_clock(window, min_per_second, percent, MonotonicClock::default())
     }
 
     /// Like [`new`](Self::new), with a clock (for tests).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
     pub fn with_clock(
         window: Duration,
         min_per_second: u32,
@@ -291,6 +298,14 @@ impl Retry {
     }
 
     /// Runs `attempt` until it succeeds or a limit is reached; every error is retryable.
+    ///
+    /// # Errors
+    /// [`RetryError::Exhausted`] when the attempts or `max_elapsed` ran out,
+    /// [`RetryError::NotRetryable`] when the classifier said stop, and
+    /// [`RetryError::BudgetExhausted`] when the budget refused a retry; each with the last error.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime with the time driver enabled, when it has to sleep before a retry.
     pub async fn call<F, Fut, T, E>(&self, attempt: F) -> Result<T, RetryError<E>>
     where
         F: FnMut() -> Fut,
@@ -300,6 +315,12 @@ impl Retry {
     }
 
     /// Like [`call`](Self::call), with a classifier of what is retryable.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    ///
+    /// # Panics
+    /// As [`call`](Self::call).
     pub async fn call_with<K, F, Fut, T, E>(
         &self,
         classifier: &K,
@@ -327,6 +348,11 @@ impl Retry {
                 RetryDecision::RetryAfter(hint) => hint.min(self.max_hint),
             };
             if attempts >= self.max_attempts {
+                tracing::debug!(
+                    retry.attempt = attempts,
+                    error.type = std::any::type_name::<E>(),
+                    "retries exhausted"
+                );
                 return Err(RetryError::Exhausted {
                     attempts,
                     last: error,
@@ -343,7 +369,11 @@ impl Retry {
             if let Some(budget) = &self.budget
                 && !budget.withdraw()
             {
-                tracing::warn!(retry.attempts = attempts, "retry budget exhausted");
+                tracing::warn!(
+                    retry.attempt = attempts,
+                    error.type = std::any::type_name::<E>(),
+                    "retry budget exhausted"
+                );
                 return Err(RetryError::BudgetExhausted {
                     attempts,
                     last: error,
@@ -351,7 +381,8 @@ impl Retry {
             }
             tracing::debug!(
                 retry.attempt = attempts,
-                retry.delay_ms = delay.as_millis() as u64,
+                retry.delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                error.type = std::any::type_name::<E>(),
                 "retrying"
             );
             tokio::time::sleep(delay).await;
@@ -406,6 +437,11 @@ impl RetryBuilder {
     }
 
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for zero attempts, a zero base delay, a cap below the base, a multiplier
+    /// below 1 or not finite, a jitter fraction outside [0, 1], or a zero `max_elapsed` or
+    /// `max_hint`.
     pub fn build(self) -> Result<Retry, BuildError> {
         let r = &self.retry;
         if r.max_attempts == 0 {

@@ -26,6 +26,9 @@ pub struct Timeout {
 
 impl Timeout {
     /// A limit greater than zero.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a zero limit.
     pub fn new(limit: Duration) -> Result<Self, BuildError> {
         if limit.is_zero() {
             return Err(BuildError::new("timeout", "greater than zero", "0s"));
@@ -39,6 +42,13 @@ impl Timeout {
     }
 
     /// Runs `call`, dropping it when the limit passes.
+    ///
+    /// # Errors
+    /// [`TimeoutError::Elapsed`] when the limit passed (the call was dropped), and
+    /// [`TimeoutError::Inner`] with the call's own error.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime with the time driver enabled.
     pub async fn call<F, T, E>(&self, call: F) -> Result<T, TimeoutError<E>>
     where
         F: Future<Output = Result<T, E>>,

@@ -16,8 +16,8 @@ fn assert_send<F: Future + Send>(f: F) -> F {
 
 fn assert_send_sync<T: Send + Sync>() {}
 
-fn ok() -> impl Future<Output = Result<u32, std::io::Error>> + Send {
-    async { Ok(1) }
+async fn ok() -> Result<u32, std::io::Error> {
+    Ok(1)
 }
 
 fn pipeline() -> Pipeline<CountWindow> {
@@ -157,5 +157,86 @@ mod axum_handler {
         for s in served {
             assert_eq!(s.await.unwrap(), StatusCode::OK);
         }
+    }
+}
+
+#[cfg(feature = "tower")]
+mod tower_services {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::error_handling::HandleErrorLayer;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::get;
+    use stanchion_breaker::{BulkheadLayer, CircuitBreakerLayer, Rejected};
+    use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+
+    fn assert_service_send_sync<S: Send + Sync + Clone + 'static>(_: &S) {}
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tower_service_futures_are_send() {
+        let breaker = CircuitBreaker::builder().build().unwrap();
+        let bulkhead = Bulkhead::builder()
+            .max_concurrent(2)
+            .max_wait(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::new(breaker))
+            .layer(BulkheadLayer::new(&bulkhead))
+            .service(service_fn(
+                |x: u32| async move { Ok::<_, std::io::Error>(x) },
+            ));
+        assert_service_send_sync(&svc);
+        let fut = assert_send(svc.ready().await.unwrap().call(4));
+        let spawned = tokio::spawn(fut);
+        assert_eq!(spawned.await.unwrap().unwrap(), 4);
+        // Readiness itself, with the bounded wait in progress, is Send too.
+        let held = bulkhead.try_acquire().unwrap();
+        let held2 = bulkhead.try_acquire().unwrap();
+        let mut clone = svc.clone();
+        let ready = tokio::spawn(async move {
+            let r = assert_send(clone.ready()).await.map(|_| ());
+            r.is_ok()
+        });
+        assert!(ready.await.unwrap());
+        drop((held, held2));
+    }
+
+    async fn answer_errors(err: BoxError) -> (StatusCode, String) {
+        if err.is::<Rejected>() {
+            (StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+        } else {
+            (StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_axum_route_behind_the_breaker_layer() {
+        let breaker = CircuitBreaker::builder()
+            .policy(ConsecutiveFailures::new(1).unwrap())
+            .build()
+            .unwrap();
+        let app = Router::new().route("/", get(|| async { "fine" })).layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(answer_errors))
+                .layer(CircuitBreakerLayer::new(breaker.clone())),
+        );
+        let get = |app: Router| async move {
+            app.oneshot(Request::get("/").body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
+        };
+        assert_eq!(
+            tokio::spawn(get(app.clone())).await.unwrap(),
+            StatusCode::OK
+        );
+        breaker.force_open();
+        assert_eq!(
+            tokio::spawn(get(app)).await.unwrap(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -245,8 +245,12 @@ async fn the_pipeline_uses_its_classifiers() {
 #[cfg(feature = "tower")]
 mod tower_layers {
     use super::*;
-    use stanchion_breaker::{BulkheadLayer, CircuitBreakerLayer};
-    use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+    use stanchion_breaker::{BulkheadFull, BulkheadLayer, CircuitBreakerLayer, Rejected};
+    use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+
+    fn rejected(err: &BoxError) -> bool {
+        err.downcast_ref::<Rejected>().is_some()
+    }
 
     #[tokio::test]
     async fn clones_of_a_breaker_layer_share_one_breaker() {
@@ -262,11 +266,13 @@ mod tower_layers {
             }));
         let mut a = svc.clone();
         let mut b = svc;
-        assert!(a.ready().await.unwrap().call(true).await.is_err());
+        let first = a.ready().await.unwrap().call(true).await.unwrap_err();
+        assert_eq!(first.to_string(), "503", "the inner error, boxed as is");
         assert!(b.ready().await.unwrap().call(true).await.is_err());
         assert_eq!(breaker.state(), State::Open);
         let err = a.ready().await.unwrap().call(false).await.unwrap_err();
-        assert!(err.is_rejected());
+        assert!(rejected(&err), "{err}");
+        assert_eq!(err.downcast_ref::<Rejected>().unwrap().state, State::Open);
     }
 
     #[tokio::test]
@@ -275,21 +281,40 @@ mod tower_layers {
             .policy(ConsecutiveFailures::new(1).unwrap())
             .build()
             .unwrap();
-        let layer =
-            CircuitBreakerLayer::new(breaker.clone()).classifier(|r: &Result<u16, ()>| match r {
+        let layer = CircuitBreakerLayer::new(breaker.clone()).classifier(
+            |r: &Result<u16, std::io::Error>| match r {
                 Ok(s) if *s >= 500 => Outcome::Failure,
                 Ok(429) => Outcome::Ignored,
                 _ => Outcome::Success,
-            });
+            },
+        );
         let mut svc = ServiceBuilder::new()
             .layer(layer)
-            .service(service_fn(|s: u16| async move { Ok::<_, ()>(s) }));
+            .service(service_fn(
+                |s: u16| async move { Ok::<_, std::io::Error>(s) },
+            ));
         for status in [200, 404, 429, 429] {
             svc.ready().await.unwrap().call(status).await.unwrap();
         }
         assert_eq!(breaker.state(), State::Closed);
         svc.ready().await.unwrap().call(503).await.unwrap();
         assert_eq!(breaker.state(), State::Open);
+    }
+
+    #[tokio::test]
+    async fn services_expose_their_inner_service() {
+        let breaker = CircuitBreaker::builder().build().unwrap();
+        let bulkhead = Bulkhead::builder().build().unwrap();
+        let inner = service_fn(|x: u8| async move { Ok::<_, std::io::Error>(x) });
+        let mut svc = ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::new(breaker))
+            .layer(BulkheadLayer::new(&bulkhead))
+            .service(inner);
+        let _: &stanchion_breaker::BulkheadService<_> = svc.get_ref();
+        let _ = svc.get_mut().get_mut();
+        assert_eq!(svc.breaker().state(), State::Closed);
+        let mut bare = svc.into_inner().into_inner();
+        assert_eq!(bare.ready().await.unwrap().call(9).await.unwrap(), 9);
     }
 
     #[tokio::test]
@@ -305,7 +330,7 @@ mod tower_layers {
                     if let Some(w) = wait.lock().await.take() {
                         let _ = w.await;
                     }
-                    Ok::<_, ()>(())
+                    Ok::<_, std::io::Error>(())
                 }
             }));
         let mut first = svc.clone();
@@ -316,9 +341,162 @@ mod tower_layers {
             tokio::task::yield_now().await;
         }
         let err = second.ready().await.unwrap().call(()).await.unwrap_err();
-        assert!(err.is_rejected());
+        assert_eq!(
+            err.downcast_ref::<BulkheadFull>()
+                .map(BulkheadFull::max_concurrent),
+            Some(1)
+        );
         release.send(()).unwrap();
         held.await.unwrap().unwrap();
         second.ready().await.unwrap().call(()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bulkhead_layer_waits_at_most_its_max_wait_in_poll_ready() {
+        let bulkhead = Bulkhead::builder()
+            .max_concurrent(1)
+            .max_wait(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(BulkheadLayer::new(&bulkhead))
+            .service(service_fn(
+                |x: u32| async move { Ok::<_, std::io::Error>(x) },
+            ));
+
+        // A slot freed within the wait: the request waits for it and is served.
+        let held = bulkhead.try_acquire().unwrap();
+        let freer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(held);
+        });
+        let start = tokio::time::Instant::now();
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(20) && waited < Duration::from_millis(50),
+            "{waited:?}"
+        );
+        freer.await.unwrap();
+
+        // No slot within the wait: ready after exactly the wait, then refused.
+        let _held = bulkhead.try_acquire().unwrap();
+        let start = tokio::time::Instant::now();
+        let err = svc.ready().await.unwrap().call(2).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_millis(50));
+        assert!(err.downcast_ref::<BulkheadFull>().is_some(), "{err}");
+    }
+
+    /// Retries any error up to `left` more times; requests are cloneable numbers.
+    #[derive(Clone)]
+    struct RetryErrors {
+        left: usize,
+    }
+
+    impl<Res> tower::retry::Policy<u32, Res, BoxError> for RetryErrors {
+        type Future = std::future::Ready<()>;
+        fn retry(
+            &mut self,
+            _req: &mut u32,
+            result: &mut Result<Res, BoxError>,
+        ) -> Option<Self::Future> {
+            if result.is_err() && self.left > 0 {
+                self.left -= 1;
+                Some(std::future::ready(()))
+            } else {
+                None
+            }
+        }
+        fn clone_request(&mut self, req: &u32) -> Option<u32> {
+            Some(*req)
+        }
+    }
+
+    /// A dependency whose answer to `n` takes `n` ms and fails when `n` is odd.
+    fn slow_dependency(
+        calls: Arc<AtomicU32>,
+    ) -> impl Service<u32, Response = u32, Error = std::io::Error, Future: Send> + Clone {
+        service_fn(move |n: u32| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(u64::from(n))).await;
+                if n % 2 == 1 {
+                    Err(std::io::Error::other("odd"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stack_of_four_with_tower_layers_inside() {
+        // retry( breaker( timeout( bulkhead( dependency ) ) ) )
+        let breaker = CircuitBreaker::builder()
+            .policy(ConsecutiveFailures::new(3).unwrap())
+            .build()
+            .unwrap();
+        let bulkhead = Bulkhead::builder().max_concurrent(4).build().unwrap();
+        let calls = counter();
+        let mut svc = ServiceBuilder::new()
+            .layer(tower::retry::RetryLayer::new(RetryErrors { left: 1 }))
+            .layer(CircuitBreakerLayer::new(breaker.clone()))
+            .timeout(Duration::from_millis(100))
+            .layer(BulkheadLayer::new(&bulkhead))
+            .service(slow_dependency(calls.clone()));
+        assert_eq!(svc.ready().await.unwrap().call(10).await.unwrap(), 10);
+        // A timeout inside the breaker is a boxed tower error, counted as a failure.
+        let err = svc.ready().await.unwrap().call(400).await.unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "one call, then two tries");
+        assert_eq!(breaker.state(), State::Closed);
+        // A third failure opens the breaker; the retry then meets the rejection.
+        let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
+        assert!(rejected(&err), "{err}");
+        assert_eq!(breaker.state(), State::Open);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "the retry was refused, not sent"
+        );
+        assert_eq!(bulkhead.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stack_of_four_with_tower_layers_outside() {
+        // load_shed( timeout( bulkhead( breaker( dependency ) ) ) )
+        let breaker = CircuitBreaker::builder()
+            .policy(ConsecutiveFailures::new(1).unwrap())
+            .build()
+            .unwrap();
+        let bulkhead = Bulkhead::builder().max_concurrent(1).build().unwrap();
+        let calls = counter();
+        let svc = ServiceBuilder::new()
+            .load_shed()
+            .timeout(Duration::from_millis(100))
+            .layer(BulkheadLayer::new(&bulkhead))
+            .layer(CircuitBreakerLayer::new(breaker.clone()))
+            .service(slow_dependency(calls.clone()));
+        let mut a = svc.clone();
+        let mut b = svc;
+        // A slow call holds the only slot; a second one is refused by the bulkhead.
+        let slow = tokio::spawn(async move { a.ready().await.unwrap().call(80).await });
+        while bulkhead.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let err = b.ready().await.unwrap().call(2).await.unwrap_err();
+        assert!(err.is::<BulkheadFull>(), "{err}");
+        assert_eq!(slow.await.unwrap().unwrap(), 80);
+        // The timeout outside the breaker: the breaker's permit is dropped with the future, so
+        // nothing is recorded and the breaker stays closed.
+        let err = b.ready().await.unwrap().call(200).await.unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+        assert_eq!(breaker.state(), State::Closed);
+        let err = b.ready().await.unwrap().call(1).await.unwrap_err();
+        assert_eq!(err.to_string(), "odd");
+        assert_eq!(breaker.state(), State::Open);
+        let err = b.ready().await.unwrap().call(2).await.unwrap_err();
+        assert!(rejected(&err), "{err}");
+        assert_eq!(bulkhead.in_flight(), 0);
     }
 }

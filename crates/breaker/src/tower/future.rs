@@ -1,15 +1,17 @@
-//! Response futures.
+//! Response futures: named types, no allocation per request.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tower::BoxError;
 
+use super::BulkheadFull;
 use crate::breaker::OwnedPermit;
 use crate::classify::Classifier;
 use crate::clock::Clock;
-use crate::error::{BreakerError, BulkheadError, Rejected};
+use crate::error::Rejected;
 use crate::policy::FailurePolicy;
 
 pin_project_lite::pin_project! {
@@ -48,11 +50,12 @@ impl<F, P: FailurePolicy, C: Clock, K> CircuitBreakerFuture<F, P, C, K> {
 impl<F, T, E, P, C, K> Future for CircuitBreakerFuture<F, P, C, K>
 where
     F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
     P: FailurePolicy,
     C: Clock,
     K: Classifier<T, E>,
 {
-    type Output = Result<T, BreakerError<E>>;
+    type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -67,7 +70,7 @@ where
         if let (Some(permit), Some(classifier)) = (this.permit.take(), this.classifier.as_ref()) {
             permit.record(classifier.classify(&result));
         }
-        Poll::Ready(result.map_err(BreakerError::Inner))
+        Poll::Ready(result.map_err(Into::into))
     }
 }
 
@@ -104,18 +107,17 @@ impl<F> BulkheadFuture<F> {
 impl<F, T, E> Future for BulkheadFuture<F>
 where
     F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
 {
-    type Output = Result<T, BulkheadError<E>>;
+    type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Err(BulkheadError::Full {
-                max_concurrent: *this.max_concurrent,
-            }));
+            return Poll::Ready(Err(BulkheadFull::new(*this.max_concurrent).into()));
         };
         let result = ready!(inner.poll(cx));
         this.permit.take();
-        Poll::Ready(result.map_err(BulkheadError::Inner))
+        Poll::Ready(result.map_err(Into::into))
     }
 }

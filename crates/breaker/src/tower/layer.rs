@@ -81,8 +81,9 @@ pub struct BulkheadLayer {
 }
 
 impl BulkheadLayer {
-    /// A layer sharing `bulkhead`'s slots (its wait setting does not apply: the layer refuses at
-    /// once).
+    /// A layer sharing `bulkhead`'s slots and its wait: with a wait of zero (the default) a
+    /// request that finds every slot busy is refused at once; otherwise the service's
+    /// `poll_ready` waits up to that long for a slot, then refuses.
     pub fn new(bulkhead: &Bulkhead) -> Self {
         Self {
             bulkhead: bulkhead.clone(),
