@@ -66,8 +66,8 @@ pub use crate::error::{
 };
 pub use crate::pipeline::{AttemptError, CallError, Pipeline};
 pub use crate::policy::{
-    ConsecutiveFailures, CountWindow, FailurePolicy, MAX_COUNT_WINDOW, MAX_TIME_WINDOW_SECS, Or,
-    Record, TimeWindow, WindowBuilder, WindowCounts,
+    ConsecutiveFailures, CountWindow, FailurePolicy, MAX_COUNT_WINDOW, MAX_TIME_WINDOW_SECS,
+    MAX_TIME_WINDOW_STRIPES, Or, Record, TimeWindow, WindowBuilder, WindowCounts,
 };
 pub use crate::registry::Registry;
 pub use crate::retry::{

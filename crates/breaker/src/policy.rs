@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::clock::nanos;
@@ -266,6 +266,7 @@ pub struct WindowBuilder<W> {
     minimum_calls: Option<u32>,
     failure_rate: Option<f64>,
     slow: Option<(Duration, f64)>,
+    stripes: Option<usize>,
     _kind: std::marker::PhantomData<fn() -> W>,
 }
 
@@ -276,6 +277,7 @@ impl<W> WindowBuilder<W> {
             minimum_calls: None,
             failure_rate: Some(50.0),
             slow: None,
+            stripes: None,
             _kind: std::marker::PhantomData,
         }
     }
@@ -472,9 +474,54 @@ struct Bucket {
     slow: AtomicI64,
 }
 
+impl Bucket {
+    fn clear(&self) {
+        self.calls.store(0, Relaxed);
+        self.failures.store(0, Relaxed);
+        self.slow.store(0, Relaxed);
+    }
+}
+
+/// One thread group's share of a [`TimeWindow`]: its own buckets and totals, so threads on
+/// different stripes never write the same cache line.
+#[derive(Debug)]
+struct Stripe {
+    totals: Bucket,
+    buckets: Box<[Bucket]>,
+}
+
+/// Most stripes a time window uses by default.
+const MAX_DEFAULT_STRIPES: usize = 8;
+
+/// A stripe index per thread, handed out in turn.
+fn thread_stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        let mut i = s.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Relaxed) & (usize::MAX >> 1);
+            s.set(i);
+        }
+        i
+    })
+}
+
+const AGED: u8 = 0b01;
+const BELOW_MINIMUM: u8 = 0b10;
+
 /// Failure (and slow-call) rate over the last N whole seconds, in per-second buckets with running
-/// totals: recording is a few atomic adds, the snapshot is O(1), and buckets that age out are
-/// cleared under a lock taken at most once per second.
+/// totals, striped by thread: recording is a few atomic adds on the calling thread's stripe, a
+/// snapshot sums the stripes, and buckets that age out are cleared under a lock taken at most
+/// once per second.
+///
+/// Memory: `stripes x seconds x 24` bytes (the default stripe count is the number of CPUs
+/// rounded up to a power of two, at most 8; set it with
+/// [`stripes`](WindowBuilder::stripes)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -487,19 +534,23 @@ struct Bucket {
 /// ```
 pub struct TimeWindow {
     rates: Rates,
+    len: u64,
+    /// `stripes.len() - 1` (a power of two minus one).
+    mask: usize,
     head: AtomicU64,
-    /// Set when calls aged out since the last evaluation: the rates may have risen, so the next
-    /// call is judged even if it is a fast success.
-    aged: AtomicBool,
-    buckets: Box<[Bucket]>,
-    totals: Bucket,
+    /// [`AGED`]: calls aged out since the last judgement, so the rates may have risen;
+    /// [`BELOW_MINIMUM`]: the last judgement saw fewer calls than the minimum. Either makes the
+    /// next fast success judged too. Read by every call, written rarely.
+    flags: AtomicU8,
+    stripes: Box<[Padded<Stripe>]>,
     rotate: Mutex<()>,
 }
 
 impl fmt::Debug for TimeWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TimeWindow")
-            .field("seconds", &self.buckets.len())
+            .field("seconds", &self.len)
+            .field("stripes", &self.stripes.len())
             .field("rates", &self.rates)
             .field("counts", &self.counts())
             .finish()
@@ -508,6 +559,9 @@ impl fmt::Debug for TimeWindow {
 
 /// Longest time window, in seconds.
 pub const MAX_TIME_WINDOW_SECS: u64 = 3600;
+
+/// Most stripes of a time window.
+pub const MAX_TIME_WINDOW_STRIPES: usize = 64;
 
 impl TimeWindow {
     /// A window over the last `length` (whole seconds, 1 s to one hour).
@@ -530,39 +584,65 @@ impl TimeWindow {
         if second <= head {
             return;
         }
-        let len = self.buckets.len() as u64;
-        let from = if second - head >= len {
-            second + 1 - len
+        let from = if second - head >= self.len {
+            second + 1 - self.len
         } else {
             head + 1
         };
         let mut dropped = 0;
-        for s in from..=second {
-            let bucket = &self.buckets[(s % len) as usize];
-            let calls = bucket.calls.swap(0, Relaxed);
-            dropped += calls;
-            self.totals.calls.fetch_sub(calls, Relaxed);
-            self.totals
-                .failures
-                .fetch_sub(bucket.failures.swap(0, Relaxed), Relaxed);
-            self.totals
-                .slow
-                .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
+        for stripe in self.stripes.iter() {
+            let stripe = &stripe.0;
+            for s in from..=second {
+                let bucket = &stripe.buckets[(s % self.len) as usize];
+                let calls = bucket.calls.swap(0, Relaxed);
+                dropped += calls;
+                stripe.totals.calls.fetch_sub(calls, Relaxed);
+                stripe
+                    .totals
+                    .failures
+                    .fetch_sub(bucket.failures.swap(0, Relaxed), Relaxed);
+                stripe
+                    .totals
+                    .slow
+                    .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
+            }
         }
         self.head.store(second, Relaxed);
         if dropped != 0 {
-            self.aged.store(true, Relaxed);
+            self.flags.fetch_or(AGED, Relaxed);
         }
+    }
+
+    /// (calls, failures, slow calls) over every stripe.
+    fn sum(&self) -> (i64, i64, i64) {
+        self.stripes.iter().fold((0, 0, 0), |(c, f, s), stripe| {
+            let t = &stripe.0.totals;
+            (
+                c + t.calls.load(Relaxed),
+                f + t.failures.load(Relaxed),
+                s + t.slow.load(Relaxed),
+            )
+        })
     }
 }
 
 impl WindowBuilder<TimeWindow> {
+    /// Stripes of a time window's counters (1 to 64, rounded up to a power of two; default:
+    /// the number of CPUs, at most 8). Threads are spread over the stripes so that callers on
+    /// different cores do not write the same cache line; each stripe costs 24 bytes per second
+    /// of the window. One stripe is the smallest window, for breakers used by one thread.
+    pub fn stripes(mut self, stripes: usize) -> Self {
+        self.stripes = Some(stripes);
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
     /// [`BuildError`] for a length that is not whole seconds from 1 to
     /// [`MAX_TIME_WINDOW_SECS`], a minimum of calls of zero, a rate outside (0, 100], a zero
-    /// slow-call duration, or no rate at all.
+    /// slow-call duration, no rate at all, or a stripe count outside 1 to
+    /// [`MAX_TIME_WINDOW_STRIPES`].
     pub fn build(self) -> Result<TimeWindow, BuildError> {
         if self.size == 0 || self.size > MAX_TIME_WINDOW_SECS {
             return Err(BuildError::new(
@@ -580,12 +660,30 @@ impl WindowBuilder<TimeWindow> {
             self.failure_rate,
             self.slow,
         )?;
+        let stripes = match self.stripes {
+            Some(n) if n == 0 || n > MAX_TIME_WINDOW_STRIPES => {
+                return Err(BuildError::new("stripes", "between 1 and 64", n));
+            }
+            Some(n) => n.next_power_of_two(),
+            None => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_DEFAULT_STRIPES)
+                .next_power_of_two(),
+        };
         Ok(TimeWindow {
             rates,
+            len: self.size,
+            mask: stripes - 1,
             head: AtomicU64::new(0),
-            aged: AtomicBool::new(false),
-            buckets: (0..self.size).map(|_| Bucket::default()).collect(),
-            totals: Bucket::default(),
+            flags: AtomicU8::new(BELOW_MINIMUM),
+            stripes: (0..stripes)
+                .map(|_| {
+                    Padded(Stripe {
+                        totals: Bucket::default(),
+                        buckets: (0..self.size).map(|_| Bucket::default()).collect(),
+                    })
+                })
+                .collect(),
             rotate: Mutex::new(()),
         })
     }
@@ -600,41 +698,42 @@ impl FailurePolicy for TimeWindow {
             self.advance(second);
             head = self.head.load(Relaxed);
         }
-        let len = self.buckets.len() as u64;
         // A call that finished in a second already aged out (a very late thread) counts now.
-        let second = if second + len <= head {
+        let second = if second + self.len <= head {
             head
         } else {
             second.min(head)
         };
-        let bucket = &self.buckets[(second % len) as usize];
+        let stripe = &self.stripes[thread_stripe() & self.mask].0;
+        let bucket = &stripe.buckets[(second % self.len) as usize];
         let slow = record.elapsed_nanos >= self.rates.slow_nanos;
         bucket.calls.fetch_add(1, Relaxed);
-        let calls = self.totals.calls.fetch_add(1, Relaxed) + 1;
+        stripe.totals.calls.fetch_add(1, Relaxed);
         if record.failure {
             bucket.failures.fetch_add(1, Relaxed);
-            self.totals.failures.fetch_add(1, Relaxed);
+            stripe.totals.failures.fetch_add(1, Relaxed);
         }
         if slow {
             bucket.slow.fetch_add(1, Relaxed);
-            self.totals.slow.fetch_add(1, Relaxed);
+            stripe.totals.slow.fetch_add(1, Relaxed);
         }
-        if !record.failure && !slow {
-            // A fast success lowers the rates unless it is the call that brings the window to
-            // its minimum, or older calls (perhaps successes) aged out since the last judgement.
-            let reached_minimum = calls == i64::from(self.rates.minimum_calls);
-            if !reached_minimum && !self.aged.load(Relaxed) {
-                return false;
-            }
+        let flags = self.flags.load(Relaxed);
+        // A fast success lowers the rates unless calls aged out since the last judgement or
+        // the window was below its minimum (this call may be the one that reaches it).
+        if !record.failure && !slow && flags == 0 {
+            return false;
         }
-        if self.aged.load(Relaxed) {
-            self.aged.store(false, Relaxed);
+        let (calls, failures, slow_calls) = self.sum();
+        let below = if calls < i64::from(self.rates.minimum_calls) {
+            BELOW_MINIMUM
+        } else {
+            0
+        };
+        if flags != below {
+            // Clears AGED (this judgement saw the aging) and keeps BELOW_MINIMUM current.
+            self.flags.store(below, Relaxed);
         }
-        self.rates.exceeded(
-            self.totals.calls.load(Relaxed),
-            self.totals.failures.load(Relaxed),
-            self.totals.slow.load(Relaxed),
-        )
+        self.rates.exceeded(calls, failures, slow_calls)
     }
 
     fn reset(&self) {
@@ -642,11 +741,13 @@ impl FailurePolicy for TimeWindow {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        for bucket in self.buckets.iter().chain(std::iter::once(&self.totals)) {
-            bucket.calls.store(0, Relaxed);
-            bucket.failures.store(0, Relaxed);
-            bucket.slow.store(0, Relaxed);
+        for stripe in self.stripes.iter() {
+            stripe.0.totals.clear();
+            for bucket in stripe.0.buckets.iter() {
+                bucket.clear();
+            }
         }
+        self.flags.store(BELOW_MINIMUM, Relaxed);
     }
 
     fn needs_clock(&self) -> bool {
@@ -662,10 +763,11 @@ impl FailurePolicy for TimeWindow {
     }
 
     fn counts(&self) -> WindowCounts {
+        let (calls, failures, slow) = self.sum();
         WindowCounts {
-            calls: self.totals.calls.load(Relaxed).max(0) as u64,
-            failures: self.totals.failures.load(Relaxed).max(0) as u64,
-            slow_calls: self.totals.slow.load(Relaxed).max(0) as u64,
+            calls: calls.max(0) as u64,
+            failures: failures.max(0) as u64,
+            slow_calls: slow.max(0) as u64,
             consecutive_failures: 0,
         }
     }
@@ -773,6 +875,74 @@ mod tests {
             WindowCounts::default(),
             "no calls for longer than the window"
         );
+    }
+
+    #[test]
+    fn stripes_written_by_many_threads_add_up_and_age_out_together() {
+        let t = TimeWindow::builder(Duration::from_secs(5))
+            .failure_rate(50.0)
+            .minimum_calls(1_000_000)
+            .stripes(4)
+            .build()
+            .unwrap();
+        std::thread::scope(|s| {
+            for thread in 0..6u64 {
+                let t = &t;
+                s.spawn(move || {
+                    for i in 0..10_000u64 {
+                        t.record(&rec(i % 10 == thread % 10, 0, 100));
+                    }
+                });
+            }
+        });
+        let c = t.counts();
+        assert_eq!((c.calls, c.failures), (60_000, 6_000));
+        assert_eq!(t.counts_at(104 * 1_000_000_000).calls, 60_000);
+        assert_eq!(t.counts_at(105 * 1_000_000_000), WindowCounts::default());
+    }
+
+    #[test]
+    fn a_striped_window_opens_on_failures_from_several_threads() {
+        let t = TimeWindow::builder(Duration::from_secs(10))
+            .failure_rate(50.0)
+            .minimum_calls(100)
+            .stripes(8)
+            .build()
+            .unwrap();
+        let opened = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..30 {
+                        t.record(&rec(false, 0, 100));
+                        if t.record(&rec(true, 0, 100)) {
+                            opened.store(true, Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(opened.load(Relaxed), "240 calls, half failed: opens");
+        assert_eq!(
+            field_of(
+                TimeWindow::builder(Duration::from_secs(1))
+                    .stripes(0)
+                    .build()
+            ),
+            "stripes"
+        );
+        assert_eq!(
+            field_of(
+                TimeWindow::builder(Duration::from_secs(1))
+                    .stripes(65)
+                    .build()
+            ),
+            "stripes"
+        );
+    }
+
+    fn field_of<T>(r: Result<T, BuildError>) -> &'static str {
+        r.err().map_or("", |e| e.field())
     }
 
     #[test]
