@@ -34,11 +34,12 @@
 //! | feature | what |
 //! |---|---|
 //! | `tower` | `CircuitBreakerLayer` and `BulkheadLayer` |
-//! | `metrics` | `breaker.transitions` and `breaker.rejected` counters through the `metrics` facade |
+//! | `metrics` | `breaker.transitions` and `breaker.rejected` counters through the `metrics` facade, registered when a breaker is built |
 //!
 //! # Observability
-//! `tracing` events with the fields `breaker.name`, `breaker.state`, `breaker.from`,
-//! `breaker.open_wait_ms`, `retry.attempt`, `retry.delay_ms`; see the README for the list.
+//! A `breaker.pipeline` span per [`Pipeline`] call, and `tracing` events with the fields
+//! `breaker.name`, `breaker.state`, `breaker.from`, `breaker.open_wait_ms`, `retry.attempt`,
+//! `retry.delay_ms`, `error.type`, `bulkhead.max_concurrent`; see the README for the table.
 //!
 //! # MSRV
 //! Rust 1.94.
