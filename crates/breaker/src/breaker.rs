@@ -802,19 +802,26 @@ impl<P: FailurePolicy, C: Clock> Inner<P, C> {
                     self.transition(ticket.word, State::Open);
                 }
             }
-            State::HalfOpen => match outcome {
-                Outcome::Ignored => self.release_probe(ticket),
-                Outcome::Failure if self.half_open_failure_bp.is_none() => {
-                    self.transition(ticket.word, State::Open);
-                }
-                Outcome::Success | Outcome::Failure => {
-                    let failure = outcome == Outcome::Failure;
-                    if let Some(to) = self.count_probe(ticket, failure) {
-                        self.transition(ticket.word, to);
-                    }
-                }
-            },
+            State::HalfOpen => self.record_probe(ticket, outcome),
             State::Open | State::ForcedOpen | State::Disabled => {}
+        }
+    }
+
+    /// A half-open probe's outcome; out of line so that the closed path stays small.
+    #[cold]
+    #[inline(never)]
+    fn record_probe(&self, ticket: Ticket, outcome: Outcome) {
+        match outcome {
+            Outcome::Ignored => self.release_probe(ticket),
+            Outcome::Failure if self.half_open_failure_bp.is_none() => {
+                self.transition(ticket.word, State::Open);
+            }
+            Outcome::Success | Outcome::Failure => {
+                let failure = outcome == Outcome::Failure;
+                if let Some(to) = self.count_probe(ticket, failure) {
+                    self.transition(ticket.word, to);
+                }
+            }
         }
     }
 

@@ -6,7 +6,8 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64};
 use std::time::Duration;
 
 use crate::clock::nanos;
@@ -538,6 +539,8 @@ pub struct TimeWindow {
     /// `stripes.len() - 1` (a power of two minus one).
     mask: usize,
     head: AtomicU64,
+    /// `head % len`, so that a call in the current second needs no division.
+    head_slot: AtomicU64,
     /// [`AGED`]: calls aged out since the last judgement, so the rates may have risen;
     /// [`BELOW_MINIMUM`]: the last judgement saw fewer calls than the minimum. Either makes the
     /// next fast success judged too. Read by every call, written rarely.
@@ -607,7 +610,9 @@ impl TimeWindow {
                     .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
             }
         }
-        self.head.store(second, Relaxed);
+        self.head_slot.store(second % self.len, Relaxed);
+        // Release: a caller that sees the new head sees its slot.
+        self.head.store(second, Release);
         if dropped != 0 {
             self.flags.fetch_or(AGED, Relaxed);
         }
@@ -675,6 +680,7 @@ impl WindowBuilder<TimeWindow> {
             len: self.size,
             mask: stripes - 1,
             head: AtomicU64::new(0),
+            head_slot: AtomicU64::new(0),
             flags: AtomicU8::new(BELOW_MINIMUM),
             stripes: (0..stripes)
                 .map(|_| {
@@ -693,19 +699,20 @@ impl FailurePolicy for TimeWindow {
     #[inline]
     fn record(&self, record: &Record) -> bool {
         let second = record.now_nanos / 1_000_000_000;
-        let mut head = self.head.load(Relaxed);
+        let mut head = self.head.load(Acquire);
         if second > head {
             self.advance(second);
-            head = self.head.load(Relaxed);
+            head = self.head.load(Acquire);
         }
         // A call that finished in a second already aged out (a very late thread) counts now.
-        let second = if second + self.len <= head {
-            head
+        let slot = if second >= head || second + self.len <= head {
+            // The current second.
+            self.head_slot.load(Relaxed)
         } else {
-            second.min(head)
+            second % self.len
         };
         let stripe = &self.stripes[thread_stripe() & self.mask].0;
-        let bucket = &stripe.buckets[(second % self.len) as usize];
+        let bucket = &stripe.buckets[(slot as usize).min(stripe.buckets.len() - 1)];
         let slow = record.elapsed_nanos >= self.rates.slow_nanos;
         bucket.calls.fetch_add(1, Relaxed);
         stripe.totals.calls.fetch_add(1, Relaxed);
