@@ -59,6 +59,14 @@ pub enum RouteError {
         #[source]
         source: sqlx::Error,
     },
+    /// The primary did not answer the last health round (killed, hung, or slower than the probe
+    /// timeout) and no other node is a primary: the write was refused at once instead of
+    /// waiting on a dead server. Retry after a failover, or when the primary answers again.
+    #[error("primary {node} is unreachable")]
+    PrimaryUnavailable {
+        /// The configured name of the node last known as primary.
+        node: String,
+    },
     /// The node the router took for the primary refused a write because it is read-only (it was
     /// demoted or a standby): the router re-checks which node is primary at once.
     #[error("{node} is read-only (no longer the primary?)")]
@@ -88,8 +96,25 @@ impl RouteError {
     /// Whether retrying later may succeed (a node down, a failover under way).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::NoReplica | Self::TokenTimeout { .. } | Self::ReadOnly { .. } => true,
+            Self::NoReplica
+            | Self::TokenTimeout { .. }
+            | Self::ReadOnly { .. }
+            | Self::PrimaryUnavailable { .. } => true,
             Self::Database { source, .. } => is_connection_error(source),
+        }
+    }
+}
+
+impl RouteError {
+    /// Whether the error says the node is broken (unreachable, shut down, protocol failure), as
+    /// opposed to busy: a pool that timed out waiting for a free connection is saturated, not
+    /// failed, and ejecting it would push its load onto the others until they saturate too.
+    pub(crate) fn is_node_failure(&self) -> bool {
+        match self {
+            Self::Database { source, .. } => {
+                !matches!(source, sqlx::Error::PoolTimedOut) && is_connection_error(source)
+            }
+            _ => false,
         }
     }
 }

@@ -91,6 +91,10 @@ pub struct NodeStatus {
     pub lag: Option<Duration>,
     /// Reads in flight.
     pub in_flight: u32,
+    /// The primary did not answer the last health round (killed, hung, or slower than the
+    /// probe timeout): writes fail fast with [`RouteError::PrimaryUnavailable`], reads keep going
+    /// to admitted replicas, and replica lag is measured from the primary's last known position.
+    pub primary_unreachable: bool,
 }
 
 struct Node {
@@ -374,6 +378,9 @@ impl ReplicaRouterBuilder {
             config: self.config,
             start: Instant::now(),
             failover: tokio::sync::Mutex::new(()),
+            searching: AtomicBool::new(false),
+            searches: AtomicU64::new(0),
+            primary_up: AtomicBool::new(true),
             stop: tokio::sync::watch::channel(false).0,
             pool: self.pool,
         });
@@ -405,6 +412,12 @@ struct Inner {
     config: Config,
     start: Instant,
     failover: tokio::sync::Mutex<()>,
+    /// A primary search is running or queued: failed writes start at most one.
+    searching: AtomicBool,
+    /// Primary searches started, for tests and dashboards.
+    searches: AtomicU64,
+    /// The primary answered the last health round (see [`NodeStatus::primary_unreachable`]).
+    primary_up: AtomicBool,
     stop: tokio::sync::watch::Sender<bool>,
     pool: PgPoolOptions,
 }
@@ -572,8 +585,13 @@ impl ReplicaRouter {
     }
 
     /// Begins a transaction on the primary.
+    ///
+    /// # Errors
+    /// [`RouteError::PrimaryUnavailable`] at once while the primary did not answer the last
+    /// health round (no wait on a dead primary's pool); [`RouteError::ReadOnly`] when the node
+    /// is no longer the primary; [`RouteError::Database`] otherwise.
     pub async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, RouteError> {
-        let p = self.inner.primary.load(Ordering::Acquire);
+        let p = self.inner.writable_primary()?;
         let result = self.inner.write_pool(p).begin().await;
         result.map_err(|e| self.inner.write_failed(p, e))
     }
@@ -593,7 +611,7 @@ impl ReplicaRouter {
     /// A token for everything committed on the primary so far (after writes made through
     /// [`primary_pool`](Self::primary_pool)).
     pub async fn write_token(&self) -> Result<WriteToken, RouteError> {
-        let p = self.inner.primary.load(Ordering::Acquire);
+        let p = self.inner.writable_primary()?;
         let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(&self.inner.write_pool(p))
             .await
@@ -675,7 +693,7 @@ impl ReplicaRouter {
     }
 
     async fn read_primary(&self, fallback: bool) -> Result<ReadConn, RouteError> {
-        let p = self.inner.primary.load(Ordering::Acquire);
+        let p = self.inner.writable_primary()?;
         self.acquire(p, fallback).await
     }
 
@@ -685,7 +703,9 @@ impl ReplicaRouter {
             match self.acquire(i, false).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) => {
-                    self.inner.eject(i, "connection failed");
+                    if e.is_node_failure() {
+                        self.inner.eject(i, "connection failed");
+                    }
                     tracing::debug!(error = %e, "replica read failed over to another node");
                     skip |= 1 << i;
                 }
@@ -712,8 +732,11 @@ impl ReplicaRouter {
                 tried |= 1 << i;
                 let mut conn = match self.acquire(i, false).await {
                     Ok(c) => c,
-                    Err(_) => {
-                        inner.eject(i, "connection failed");
+                    Err(e) => {
+                        // A saturated pool is not a failed node: skip it for this read only.
+                        if e.is_node_failure() {
+                            inner.eject(i, "connection failed");
+                        }
                         failed |= 1 << i;
                         continue;
                     }
@@ -768,6 +791,12 @@ impl ReplicaRouter {
         }
     }
 
+    /// How many primary searches have started since the router was built (a failed write or an
+    /// unanswered health round starts one unless one is already running).
+    pub fn primary_searches(&self) -> u64 {
+        self.inner.searches.load(Ordering::Relaxed)
+    }
+
     /// Every node's role, admission and lag.
     pub fn status(&self) -> Vec<NodeStatus> {
         let p = self.inner.primary.load(Ordering::Acquire);
@@ -784,6 +813,7 @@ impl ReplicaRouter {
                     lag_bytes: known(n.lag_bytes.load(Ordering::Relaxed)),
                     lag: known(n.lag_ms.load(Ordering::Relaxed)).map(Duration::from_millis),
                     in_flight: n.in_flight.load(Ordering::Relaxed),
+                    primary_unreachable: !self.inner.primary_up.load(Ordering::Acquire),
                 }
             })
             .collect()
@@ -840,16 +870,43 @@ impl Inner {
         }
     }
 
+    /// The primary's index, or a fast error while it is known to be unreachable.
+    fn writable_primary(self: &Arc<Self>) -> Result<usize, RouteError> {
+        let p = self.primary.load(Ordering::Acquire);
+        if self.primary_up.load(Ordering::Acquire) {
+            Ok(p)
+        } else {
+            self.search_primary();
+            Err(RouteError::PrimaryUnavailable {
+                node: self.nodes[p].name.clone(),
+            })
+        }
+    }
+
     fn write_failed(self: &Arc<Self>, p: usize, e: sqlx::Error) -> RouteError {
         let err = RouteError::db(&self.nodes[p].name, e);
         if matches!(err, RouteError::ReadOnly { .. })
             || matches!(&err, RouteError::Database { source, .. } if is_connection_error(source))
         {
-            let inner = Arc::clone(self);
-            tokio::spawn(async move { inner.find_primary().await });
+            self.search_primary();
         }
         err
     }
+
+    /// Starts a primary search in the background unless one is already running: a burst of
+    /// failed writes makes one search, not one each piling up on the probe pool.
+    fn search_primary(self: &Arc<Self>) {
+        if self.searching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            inner.find_primary().await;
+            inner.searching.store(false, Ordering::Release);
+        });
+    }
+
+
 
     async fn probe(&self, i: usize) -> Result<Probe, String> {
         let node = &self.nodes[i];
@@ -899,10 +956,25 @@ impl Inner {
             if self.find_primary().await {
                 return;
             }
+            if self.primary_up.swap(false, Ordering::AcqRel) {
+                tracing::warn!(
+                    db.node = %self.nodes[p].name,
+                    db.role = "primary",
+                    "no primary answers: writes fail fast, reads stay on admitted replicas"
+                );
+            }
+        } else if !self.primary_up.swap(true, Ordering::AcqRel) {
+            tracing::info!(db.node = %self.nodes[p].name, db.role = "primary", "primary answers again");
         }
         if let Some(lsn) = primary_lsn {
             self.primary_lsn.fetch_max(lsn.0, Ordering::AcqRel);
         }
+        // Without an answer from the primary, replicas are judged against its last known
+        // position: one that had caught up stays admitted, one far behind is still ejected.
+        let primary_lsn = primary_lsn.or_else(|| {
+            let last = self.primary_lsn.load(Ordering::Acquire);
+            (last != 0).then_some(Lsn(last))
+        });
         let now = self.now_ms();
         let c = &self.config;
         for (i, result) in results.into_iter().enumerate() {
@@ -969,11 +1041,13 @@ impl Inner {
     /// Finds the node that is not in recovery and makes it the primary. `true` if it changed.
     async fn find_primary(self: &Arc<Self>) -> bool {
         let _guard = self.failover.lock().await;
+        self.searches.fetch_add(1, Ordering::Relaxed);
         let current = self.primary.load(Ordering::Acquire);
         let order = std::iter::once(current).chain((0..self.nodes.len()).filter(|&i| i != current));
         for i in order {
             match self.probe(i).await {
                 Ok(probe) if !probe.in_recovery => {
+                    self.primary_up.store(true, Ordering::Release);
                     if i == current {
                         return false;
                     }
