@@ -381,6 +381,7 @@ impl ReplicaRouterBuilder {
             searching: AtomicBool::new(false),
             searches: AtomicU64::new(0),
             primary_up: AtomicBool::new(true),
+            samples: std::sync::Mutex::default(),
             stop: tokio::sync::watch::channel(false).0,
             pool: self.pool,
         });
@@ -418,6 +419,7 @@ struct Inner {
     searches: AtomicU64,
     /// The primary answered the last health round (see [`NodeStatus::primary_unreachable`]).
     primary_up: AtomicBool,
+    samples: std::sync::Mutex<Samples>,
     stop: tokio::sync::watch::Sender<bool>,
     pool: PgPoolOptions,
 }
@@ -610,16 +612,18 @@ impl ReplicaRouter {
 
     /// A token for everything committed on the primary so far (after writes made through
     /// [`primary_pool`](Self::primary_pool)).
+    ///
+    /// The position is the primary's WAL *insert* position, not its write position: with
+    /// `synchronous_commit = off` a commit returns once its record is inserted, before it is
+    /// written, so `pg_current_wal_lsn()` can still be behind the commit.
     pub async fn write_token(&self) -> Result<WriteToken, RouteError> {
         let p = self.inner.writable_primary()?;
-        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(&self.inner.write_pool(p))
+        let lsn = insert_position(&self.inner.write_pool(p), &self.inner.nodes[p].name)
             .await
-            .map_err(|e| self.inner.write_failed(p, e))?;
-        let lsn = Lsn::parse(&lsn).ok_or_else(|| RouteError::Database {
-            node: self.inner.nodes[p].name.clone(),
-            source: sqlx::Error::Protocol(format!("unexpected WAL position {lsn:?}")),
-        })?;
+            .map_err(|e| match e {
+                RouteError::Database { source, .. } => self.inner.write_failed(p, source),
+                other => other,
+            })?;
         self.inner.primary_lsn.fetch_max(lsn.0, Ordering::AcqRel);
         Ok(WriteToken::new(lsn))
     }
@@ -775,13 +779,11 @@ impl ReplicaRouter {
             Fallback::Primary => {
                 let mut conn = self.read_primary(true).await?;
                 if let Some(s) = session {
-                    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-                        .fetch_one(&mut *conn)
-                        .await
-                        .map_err(|e| RouteError::db(&conn.route.node, e))?;
-                    if let Some(lsn) = Lsn::parse(&lsn) {
-                        s.observe(WriteToken::new(lsn));
-                    }
+                    // What this read can see on the primary includes commits not yet written
+                    // (asynchronous commit): move the session to the insert position.
+                    let node = conn.route.node.clone();
+                    let lsn = insert_position(&mut *conn, &node).await?;
+                    s.observe(WriteToken::new(lsn));
                 }
                 Ok(conn)
             }
@@ -840,10 +842,93 @@ impl ReplicaRouter {
 struct Probe {
     in_recovery: bool,
     lsn: Option<Lsn>,
-    replay_age_ms: Option<u64>,
+}
+
+/// The primary's WAL insert position, as the end of the last record inserted.
+async fn insert_position<'e, E>(executor: E, node: &str) -> Result<Lsn, RouteError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let (lsn, block, segment): (String, i32, i64) = sqlx::query_as(
+        "SELECT pg_current_wal_insert_lsn()::text, \
+         current_setting('wal_block_size')::int, \
+         pg_size_bytes(current_setting('wal_segment_size'))",
+    )
+    .fetch_one(executor)
+    .await
+    .map_err(|e| RouteError::db(node, e))?;
+    Lsn::parse(&lsn)
+        .map(|l| Lsn(end_of_last_record(l.0, block, segment)))
+        .ok_or_else(|| RouteError::Database {
+            node: node.to_owned(),
+            source: sqlx::Error::Protocol(format!("unexpected WAL position {lsn:?}")),
+        })
+}
+
+/// The insert position points past a page header when the last record ended at a page
+/// boundary; a replica that replayed that record reports the boundary. Step back over the
+/// header so that such a token is reachable without another write. Offsets 24 and 40 (the short
+/// and long page headers) can be nothing but a header's end at those places: the first record
+/// on a page starts after the header, so it cannot end there.
+fn end_of_last_record(lsn: u64, block: i32, segment: i64) -> u64 {
+    const SHORT_HEADER: u64 = 24;
+    const LONG_HEADER: u64 = 40;
+    let (Ok(block), Ok(segment)) = (u64::try_from(block), u64::try_from(segment)) else {
+        return lsn;
+    };
+    if block == 0 || segment == 0 {
+        return lsn;
+    }
+    if lsn % segment == LONG_HEADER {
+        lsn - LONG_HEADER
+    } else if lsn % block == SHORT_HEADER && lsn % segment != SHORT_HEADER {
+        lsn - SHORT_HEADER
+    } else {
+        lsn
+    }
+}
+
+/// Most primary positions kept for measuring lag in time (at the default 500 ms interval, about
+/// two minutes of history).
+const MAX_SAMPLES: usize = 256;
+
+/// When the primary was first seen at or past each position: a replica at replay position `r`
+/// lacks only what the primary wrote after the last sample at or below `r`, so its lag in time
+/// is measured on the router's own clock, from the first sample beyond `r`. An idle primary
+/// that writes one small record just before a round therefore shows a lag of zero for a
+/// replica that had replayed everything before it, however old its last transaction is.
+#[derive(Debug, Default)]
+struct Samples {
+    /// (primary position, router milliseconds), positions strictly increasing.
+    seen: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Samples {
+    fn record(&mut self, lsn: u64, now_ms: u64) {
+        if self.seen.back().is_none_or(|&(last, _)| lsn > last) {
+            if self.seen.len() == MAX_SAMPLES {
+                self.seen.pop_front();
+            }
+            self.seen.push_back((lsn, now_ms));
+        }
+    }
+
+    /// Milliseconds a replica at `replay` has been missing something, at least.
+    fn lag_ms(&self, replay: u64, now_ms: u64) -> u64 {
+        // None: the replica is at or past every sampled position.
+        let first_beyond = self.seen.iter().find(|&&(lsn, _)| lsn > replay);
+        first_beyond.map_or(0, |&(_, at)| now_ms.saturating_sub(at))
+    }
 }
 
 impl Inner {
+    fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
+        match self.samples.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -906,29 +991,23 @@ impl Inner {
         });
     }
 
-
-
     async fn probe(&self, i: usize) -> Result<Probe, String> {
         let node = &self.nodes[i];
         let query = async {
             let mut conn = node.probe_pool.acquire().await?;
-            let row: (bool, Option<String>, Option<f64>) = sqlx::query_as(
+            let row: (bool, Option<String>) = sqlx::query_as(
                 "SELECT pg_is_in_recovery(), \
                  CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text \
-                      ELSE pg_current_wal_lsn()::text END, \
-                 EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8",
+                      ELSE pg_current_wal_lsn()::text END",
             )
             .fetch_one(&mut *conn)
             .await?;
             Ok::<_, sqlx::Error>(row)
         };
         match tokio::time::timeout(self.config.probe_timeout, query).await {
-            Ok(Ok((in_recovery, lsn, age))) => Ok(Probe {
+            Ok(Ok((in_recovery, lsn))) => Ok(Probe {
                 in_recovery,
                 lsn: lsn.as_deref().and_then(Lsn::parse),
-                replay_age_ms: age
-                    .filter(|a| a.is_finite())
-                    .map(|a| (a.max(0.0) * 1000.0) as u64),
             }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.config.probe_timeout)),
@@ -966,8 +1045,10 @@ impl Inner {
         } else if !self.primary_up.swap(true, Ordering::AcqRel) {
             tracing::info!(db.node = %self.nodes[p].name, db.role = "primary", "primary answers again");
         }
+        let now = self.now_ms();
         if let Some(lsn) = primary_lsn {
             self.primary_lsn.fetch_max(lsn.0, Ordering::AcqRel);
+            self.samples().record(lsn.0, now);
         }
         // Without an answer from the primary, replicas are judged against its last known
         // position: one that had caught up stays admitted, one far behind is still ejected.
@@ -975,7 +1056,6 @@ impl Inner {
             let last = self.primary_lsn.load(Ordering::Acquire);
             (last != 0).then_some(Lsn(last))
         });
-        let now = self.now_ms();
         let c = &self.config;
         for (i, result) in results.into_iter().enumerate() {
             if i == p {
@@ -987,12 +1067,12 @@ impl Inner {
                     Some(replay) => {
                         node.replay_lsn.fetch_max(replay.0, Ordering::AcqRel);
                         let bytes = primary.0.saturating_sub(replay.0);
-                        // An idle primary writes nothing: equal positions mean no lag,
-                        // however old the last replayed transaction is.
+                        // Equal positions mean no lag, however old the last replayed
+                        // transaction is; otherwise, since the primary first went past it.
                         let ms = if bytes == 0 {
                             0
                         } else {
-                            probe.replay_age_ms.unwrap_or(UNKNOWN)
+                            self.samples().lag_ms(replay.0, now)
                         };
                         (bytes, ms)
                     }
@@ -1083,5 +1163,42 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod position_tests {
+    use super::*;
+
+    #[test]
+    fn a_position_just_past_a_page_header_steps_back_to_the_boundary() {
+        let (block, segment) = (8192, 16 << 20);
+        assert_eq!(end_of_last_record(8192 + 24, block, segment), 8192);
+        assert_eq!(end_of_last_record(3 * 8192 + 24, block, segment), 3 * 8192);
+        let seg = 16u64 << 20;
+        assert_eq!(end_of_last_record(5 * seg + 40, block, segment), 5 * seg);
+        // Offsets a record can end at are kept.
+        for lsn in [8192 + 48, 8192 + 40, 8192 + 32, 5 * seg + 24 + 8, 100] {
+            assert_eq!(end_of_last_record(lsn, block, segment), lsn);
+        }
+        assert_eq!(end_of_last_record(8192 + 24, 0, segment), 8192 + 24);
+    }
+
+    #[test]
+    fn lag_in_time_counts_from_the_first_primary_position_past_the_replica() {
+        let mut samples = Samples::default();
+        samples.record(100, 0);
+        samples.record(100, 500); // idle: the first sighting stays
+        samples.record(200, 1000);
+        samples.record(300, 1500);
+        assert_eq!(samples.lag_ms(300, 2000), 0, "caught up with every sample");
+        assert_eq!(
+            samples.lag_ms(250, 2000),
+            500,
+            "missing what came after 1000 ms"
+        );
+        assert_eq!(samples.lag_ms(100, 2000), 1000);
+        assert_eq!(samples.lag_ms(50, 2000), 2000);
+        assert_eq!(samples.lag_ms(400, 2000), 0);
     }
 }

@@ -41,10 +41,7 @@ async fn read_once(router: &ReplicaRouter) -> Result<i64, RouteError> {
 }
 
 fn admitted(router: &ReplicaRouter, name: &str) -> bool {
-    router
-        .status()
-        .iter()
-        .any(|s| s.name == name && s.admitted)
+    router.status().iter().any(|s| s.name == name && s.admitted)
 }
 
 /// Reads from 4 tasks until `until`; returns the instants of served reads and the failures.
@@ -100,11 +97,11 @@ async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fa
     // Let several health rounds see the dead primary.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let status = router.status();
+    assert!(status.iter().all(|s| s.primary_unreachable), "{status:?}");
     assert!(
-        status.iter().all(|s| s.primary_unreachable),
+        admitted(&router, "r0") && admitted(&router, "r1"),
         "{status:?}"
     );
-    assert!(admitted(&router, "r0") && admitted(&router, "r1"), "{status:?}");
     for s in status.iter().filter(|s| s.name != "primary") {
         assert_eq!(s.lag_bytes, Some(0), "{s:?}");
     }
@@ -118,7 +115,10 @@ async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fa
     );
     assert!(took < Duration::from_millis(50), "a write waited {took:?}");
     let err = router.read(Consistency::Primary).await.unwrap_err();
-    assert!(matches!(err, RouteError::PrimaryUnavailable { .. }), "{err:?}");
+    assert!(
+        matches!(err, RouteError::PrimaryUnavailable { .. }),
+        "{err:?}"
+    );
 
     let (served, failed) = load.await.unwrap();
     let gap = longest_gap(&served, killed);
@@ -170,7 +170,9 @@ async fn a_burst_of_failed_writes_starts_one_primary_search_at_a_time() {
     let mut writes = Vec::new();
     for _ in 0..50 {
         let router = router.clone();
-        writes.push(tokio::spawn(async move { router.begin_write().await.is_err() }));
+        writes.push(tokio::spawn(
+            async move { router.begin_write().await.is_err() },
+        ));
     }
     for w in writes {
         assert!(w.await.unwrap(), "a write to a dead primary failed");
