@@ -80,12 +80,15 @@ pub struct RoundRobin {
 
 impl ReplicaPolicy for RoundRobin {
     fn pick(&self, set: &dyn ReplicaSet) -> Option<usize> {
-        let n = set.len();
-        if n == 0 {
+        // Turns are counted over the eligible replicas only: rotating over every node and
+        // taking the next eligible one gives the replica after an ineligible node (the primary,
+        // an ejected replica) that node's turns too.
+        let count = eligible_count(set);
+        if count == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| set.eligible(i))
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        nth_eligible(set, turn % count)
     }
 }
 
@@ -237,6 +240,15 @@ mod tests {
     fn round_robin_and_random_spread_evenly() {
         let s = set(&[true; 4]);
         assert_eq!(counts(&RoundRobin::default(), &s, 400), vec![100; 4]);
+        // The primary first, as the router lists nodes: the two replicas share evenly.
+        let s = set(&[false, true, true]);
+        assert_eq!(counts(&RoundRobin::default(), &s, 400), vec![0, 200, 200]);
+        let s = set(&[true, false, true, false, true]);
+        assert_eq!(
+            counts(&RoundRobin::default(), &s, 300),
+            vec![100, 0, 100, 0, 100]
+        );
+        let s = set(&[true; 4]);
         for c in counts(&Random, &s, 4000) {
             assert!((800..1200).contains(&c), "{c}");
         }

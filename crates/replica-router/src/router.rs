@@ -131,11 +131,21 @@ struct Config {
     token_fallback: Fallback,
 }
 
+/// Where a node is: a URL to parse at build, or sqlx options made by the caller.
+#[derive(Clone)]
+enum Target {
+    Url(String),
+    Options(Box<PgConnectOptions>),
+}
+
+/// The longest duration accepted for the router's intervals, timeouts and waits.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings of a [`ReplicaRouter`].
 #[must_use]
 pub struct ReplicaRouterBuilder {
-    primary: Option<(String, String)>,
-    replicas: Vec<(String, String, u32)>,
+    primary: Option<(String, Target)>,
+    replicas: Vec<(String, Target, u32)>,
     config: Config,
     pool: PgPoolOptions,
     policy: Box<dyn ReplicaPolicy>,
@@ -185,7 +195,15 @@ impl Default for ReplicaRouterBuilder {
 impl ReplicaRouterBuilder {
     /// The primary's URL (`postgres://user:password@host:port/db`) and a name for logs.
     pub fn primary(mut self, name: &str, url: &str) -> Self {
-        self.primary = Some((name.to_owned(), url.to_owned()));
+        self.primary = Some((name.to_owned(), Target::Url(url.to_owned())));
+        self
+    }
+
+    /// The primary, as sqlx connect options (TLS, statement cache size, application name,
+    /// socket, anything `PgConnectOptions` can say). The router sets
+    /// `default_transaction_read_only = on` on the read pools and nothing else.
+    pub fn primary_with(mut self, name: &str, options: PgConnectOptions) -> Self {
+        self.primary = Some((name.to_owned(), Target::Options(Box::new(options))));
         self
     }
 
@@ -194,10 +212,17 @@ impl ReplicaRouterBuilder {
         self.weighted_replica(name, url, 1)
     }
 
+    /// A streaming replica, as sqlx connect options (see [`primary_with`](Self::primary_with)).
+    pub fn replica_with(mut self, name: &str, options: PgConnectOptions) -> Self {
+        self.replicas
+            .push((name.to_owned(), Target::Options(Box::new(options)), 1));
+        self
+    }
+
     /// A streaming replica with a weight for [`Weighted`](crate::Weighted).
     pub fn weighted_replica(mut self, name: &str, url: &str, weight: u32) -> Self {
         self.replicas
-            .push((name.to_owned(), url.to_owned(), weight));
+            .push((name.to_owned(), Target::Url(url.to_owned()), weight));
         self
     }
 
@@ -270,15 +295,20 @@ impl ReplicaRouterBuilder {
         let Some((primary_name, primary_url)) = &self.primary else {
             return Err(BuildError::new("primary", "set", "nothing"));
         };
-        if c.health_interval.is_zero() {
-            return Err(BuildError::new(
-                "health_interval",
-                "greater than zero",
-                "0s",
-            ));
-        }
-        if c.probe_timeout.is_zero() {
-            return Err(BuildError::new("probe_timeout", "greater than zero", "0s"));
+        for (field, d, zero_ok) in [
+            ("health_interval", c.health_interval, false),
+            ("probe_timeout", c.probe_timeout, false),
+            ("lag_time.eject", c.eject_lag, true),
+            ("lag_time.readmit", c.readmit_lag, true),
+            ("readmission.min_ejection", c.min_ejection, true),
+            ("token_wait", c.token_wait, true),
+        ] {
+            if d.is_zero() && !zero_ok {
+                return Err(BuildError::new(field, "greater than zero", "0s"));
+            }
+            if d > MAX_DURATION {
+                return Err(BuildError::new(field, "at most 24 hours", format!("{d:?}")));
+            }
         }
         if c.readmit_lag_bytes > c.eject_lag_bytes {
             return Err(BuildError::new(
@@ -308,7 +338,7 @@ impl ReplicaRouterBuilder {
         specs.extend(self.replicas.iter().cloned());
         let mut nodes = Vec::with_capacity(specs.len());
         let mut seen: Vec<(String, String, u16, Option<String>)> = Vec::new();
-        for (name, url, weight) in specs {
+        for (name, target, weight) in specs {
             if name.is_empty() {
                 return Err(BuildError::new("node name", "not empty", "\"\""));
             }
@@ -320,10 +350,15 @@ impl ReplicaRouterBuilder {
                     format!("the URL of {name}"),
                 )
             };
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(bad_url());
-            }
-            let options = PgConnectOptions::from_str(&url).map_err(|_| bad_url())?;
+            let options = match target {
+                Target::Options(options) => *options,
+                Target::Url(url) => {
+                    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                        return Err(bad_url());
+                    }
+                    PgConnectOptions::from_str(&url).map_err(|_| bad_url())?
+                }
+            };
             let id = (
                 name.clone(),
                 options.get_host().to_owned(),
@@ -344,7 +379,11 @@ impl ReplicaRouterBuilder {
                 ));
             }
             seen.push(id);
-            let options = options.application_name("stanchion-replica-router");
+            let options = if options.get_application_name().is_some() {
+                options
+            } else {
+                options.application_name("stanchion-replica-router")
+            };
             let read_options = options
                 .clone()
                 .options([("default_transaction_read_only", "on")]);
@@ -728,7 +767,10 @@ impl ReplicaRouter {
     ) -> Result<ReadConn, RouteError> {
         let inner = &self.inner;
         let start = Instant::now();
-        let deadline = start + inner.config.token_wait;
+        // `token_wait` is at most a day (checked at build); saturate all the same.
+        let deadline = start
+            .checked_add(inner.config.token_wait)
+            .unwrap_or(start + MAX_DURATION);
         let mut failed = 0u64;
         loop {
             let mut tried = failed;
