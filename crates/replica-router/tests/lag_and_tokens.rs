@@ -128,3 +128,89 @@ async fn tokens_hold_under_asynchronous_commit_per_connection_and_per_transactio
     assert_eq!(per_transaction, 0);
     router.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_forward_on_what_its_reads_saw_not_only_on_its_writes() {
+    let cluster = PostgresCluster::start(2).unwrap();
+    let db = setup(&cluster).await;
+    let router = ReplicaRouter::builder()
+        .primary("primary", &db.primary_url)
+        .replica("r0", &db.replica_urls[0])
+        .replica("r1", &db.replica_urls[1])
+        .health_interval(Duration::from_millis(100))
+        // Keep the paused replica admitted: only the session keeps reads off it.
+        .lag_bytes(u64::MAX, u64::MAX)
+        .lag_time(Duration::from_secs(3600), Duration::from_secs(3600))
+        .token_wait(
+            Duration::from_millis(20),
+            stanchion_replica_router::Fallback::Primary,
+        )
+        .build()
+        .await
+        .unwrap();
+    cluster.pause_replay(0).unwrap();
+    // Another user's write: this session never gets its token.
+    cluster
+        .sql(
+            Node::Primary,
+            &db.name,
+            "UPDATE counters SET v = 42 WHERE id = 5",
+        )
+        .unwrap();
+    cluster.wait_replayed(1, Duration::from_secs(10)).unwrap();
+
+    // The control: reads without a session still land on the stale replica.
+    let mut stale_any = 0;
+    for _ in 0..100 {
+        let mut conn = router.read(Consistency::Any).await.unwrap();
+        let v: i64 = sqlx::query_scalar("SELECT v FROM counters WHERE id = 5")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        stale_any += usize::from(v != 42);
+    }
+    assert!(
+        stale_any > 0,
+        "reads without a session reach the paused replica"
+    );
+
+    let session = stanchion_replica_router::SessionToken::default();
+    let read = |session| {
+        let router = router.clone();
+        async move {
+            let mut conn = router.read(Consistency::Session(session)).await.unwrap();
+            let v: i64 = sqlx::query_scalar("SELECT v FROM counters WHERE id = 5")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            (v, conn.route().node.clone())
+        }
+    };
+    // Until a read lands on r1, the session may see the old value on r0.
+    let mut seen_new = false;
+    let mut old_reads = 0;
+    for _ in 0..200 {
+        let (v, node) = read(&session).await;
+        if v == 42 {
+            assert_eq!(node, "r1");
+            seen_new = true;
+            break;
+        }
+        old_reads += 1;
+    }
+    assert!(seen_new, "no read landed on r1 in 200 tries");
+    // From now on the session never goes back, though r0 is still admitted and stale.
+    let mut nodes = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let (v, node) = read(&session).await;
+        assert_eq!(
+            v, 42,
+            "the session went back after seeing the write (on {node})"
+        );
+        nodes.insert(node);
+    }
+    eprintln!("{old_reads} reads before the session saw the write; after it, reads on {nodes:?}");
+    assert!(!nodes.contains("r0"), "{nodes:?}");
+    cluster.resume_replay(0).unwrap();
+    router.close().await;
+}
