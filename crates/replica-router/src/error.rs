@@ -59,6 +59,16 @@ pub enum RouteError {
         #[source]
         source: sqlx::Error,
     },
+    /// The token names a write the primary has not made: a later timeline or position than the
+    /// primary's own (a forged token, or one from another cluster). Refused after one check on
+    /// the primary, instead of waiting for replicas that can never catch up.
+    #[error("write token {token} is ahead of the primary ({primary})")]
+    TokenAhead {
+        /// The token.
+        token: String,
+        /// The primary's position when checked.
+        primary: String,
+    },
     /// The primary did not answer the last health round (killed, hung, or slower than the probe
     /// timeout) and no other node is a primary: the write was refused at once instead of
     /// waiting on a dead server. Retry after a failover, or when the primary answers again.
@@ -100,6 +110,7 @@ impl RouteError {
             | Self::TokenTimeout { .. }
             | Self::ReadOnly { .. }
             | Self::PrimaryUnavailable { .. } => true,
+            Self::TokenAhead { .. } => false,
             Self::Database { source, .. } => is_connection_error(source),
         }
     }

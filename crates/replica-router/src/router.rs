@@ -112,6 +112,8 @@ struct Node {
     in_flight: AtomicU32,
     latency_us: AtomicU64,
     replay_lsn: AtomicU64,
+    /// The node's timeline as the last probe saw it (0: unknown).
+    timeline: AtomicU32,
     lag_bytes: AtomicU64,
     lag_ms: AtomicU64,
 }
@@ -405,6 +407,7 @@ impl ReplicaRouterBuilder {
                 in_flight: AtomicU32::new(0),
                 latency_us: AtomicU64::new(0),
                 replay_lsn: AtomicU64::new(0),
+                timeline: AtomicU32::new(0),
                 lag_bytes: AtomicU64::new(UNKNOWN),
                 lag_ms: AtomicU64::new(UNKNOWN),
             });
@@ -421,6 +424,7 @@ impl ReplicaRouterBuilder {
             searches: AtomicU64::new(0),
             primary_up: AtomicBool::new(true),
             samples: std::sync::Mutex::default(),
+            timeline: AtomicU32::new(0),
             stop: tokio::sync::watch::channel(false).0,
             pool: self.pool,
         });
@@ -459,6 +463,9 @@ struct Inner {
     /// The primary answered the last health round (see [`NodeStatus::primary_unreachable`]).
     primary_up: AtomicBool,
     samples: std::sync::Mutex<Samples>,
+    /// The newest timeline any primary was seen on. A node that claims to be primary on an older
+    /// one (an old primary back without a rewind) is fenced.
+    timeline: AtomicU32,
     stop: tokio::sync::watch::Sender<bool>,
     pool: PgPoolOptions,
 }
@@ -657,14 +664,18 @@ impl ReplicaRouter {
     /// written, so `pg_current_wal_lsn()` can still be behind the commit.
     pub async fn write_token(&self) -> Result<WriteToken, RouteError> {
         let p = self.inner.writable_primary()?;
-        let lsn = insert_position(&self.inner.write_pool(p), &self.inner.nodes[p].name)
+        let token = insert_position(&self.inner.write_pool(p), &self.inner.nodes[p].name)
             .await
             .map_err(|e| match e {
                 RouteError::Database { source, .. } => self.inner.write_failed(p, source),
                 other => other,
             })?;
+        let lsn = token.lsn();
+        if let Some(t) = token.timeline() {
+            self.inner.timeline.fetch_max(t, Ordering::AcqRel);
+        }
         self.inner.primary_lsn.fetch_max(lsn.0, Ordering::AcqRel);
-        Ok(WriteToken::new(lsn))
+        Ok(token)
     }
 
     /// A connection for a read of the given freshness.
@@ -771,9 +782,16 @@ impl ReplicaRouter {
         let deadline = start
             .checked_add(inner.config.token_wait)
             .unwrap_or(start + MAX_DURATION);
+        // A token without a timeline (`w1:`) is taken to be on the newest timeline known.
+        let timeline = token
+            .timeline()
+            .unwrap_or_else(|| inner.timeline.load(Ordering::Acquire));
         let mut failed = 0u64;
+        let mut checked_primary = false;
         loop {
-            let mut tried = failed;
+            // Nodes on an older timeline (or an unknown one) cannot be shown to have the write:
+            // their positions belong to another history.
+            let mut tried = failed | inner.older_than(timeline);
             while let Some(i) = inner.policy.pick(&self.view(tried, UNKNOWN)) {
                 tried |= 1 << i;
                 let mut conn = match self.acquire(i, false).await {
@@ -798,7 +816,8 @@ impl ReplicaRouter {
                         inner.nodes[i].replay_lsn.fetch_max(lsn.0, Ordering::AcqRel);
                         if lsn >= token.lsn() {
                             if let Some(s) = session {
-                                s.observe(WriteToken::new(lsn));
+                                let t = inner.nodes[i].timeline.load(Ordering::Acquire);
+                                s.observe(WriteToken::on_timeline(lsn, t));
                             }
                             return Ok(conn);
                         }
@@ -815,6 +834,15 @@ impl ReplicaRouter {
             if Instant::now() >= deadline {
                 break;
             }
+            if !checked_primary {
+                // No replica has it yet: make sure the primary does, once, so that a token
+                // from the future (forged, or from another cluster) fails at once instead of
+                // polling every replica until the wait ends.
+                checked_primary = true;
+                if let Some(ahead) = self.token_ahead(token).await {
+                    return Err(ahead);
+                }
+            }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         match inner.config.token_fallback {
@@ -824,14 +852,47 @@ impl ReplicaRouter {
                     // What this read can see on the primary includes commits not yet written
                     // (asynchronous commit): move the session to the insert position.
                     let node = conn.route.node.clone();
-                    let lsn = insert_position(&mut *conn, &node).await?;
-                    s.observe(WriteToken::new(lsn));
+                    s.observe(insert_position(&mut *conn, &node).await?);
                 }
                 Ok(conn)
             }
             Fallback::Error => Err(RouteError::TokenTimeout {
                 waited: start.elapsed(),
             }),
+        }
+    }
+
+    /// `Some(error)` when `token` is ahead of what the primary has written (checked on the
+    /// primary itself only when the router's own knowledge says so).
+    async fn token_ahead(&self, token: WriteToken) -> Option<RouteError> {
+        let inner = &self.inner;
+        let known = |t: WriteToken| {
+            let timeline = inner.timeline.load(Ordering::Acquire);
+            let lsn = inner.primary_lsn.load(Ordering::Acquire);
+            match t.timeline() {
+                Some(tt) if tt > timeline => false,
+                Some(tt) if tt < timeline => true,
+                _ => t.lsn().0 <= lsn,
+            }
+        };
+        if known(token) {
+            return None;
+        }
+        let p = inner.writable_primary().ok()?;
+        let now = insert_position(&inner.write_pool(p), &inner.nodes[p].name)
+            .await
+            .ok()?;
+        if let Some(t) = now.timeline() {
+            inner.timeline.fetch_max(t, Ordering::AcqRel);
+        }
+        inner.primary_lsn.fetch_max(now.lsn().0, Ordering::AcqRel);
+        if known(token) {
+            None
+        } else {
+            Some(RouteError::TokenAhead {
+                token: token.to_string(),
+                primary: now.to_string(),
+            })
         }
     }
 
@@ -884,27 +945,39 @@ impl ReplicaRouter {
 struct Probe {
     in_recovery: bool,
     lsn: Option<Lsn>,
+    /// Its timeline, if it could be read.
+    timeline: Option<u32>,
 }
 
-/// The primary's WAL insert position, as the end of the last record inserted.
-async fn insert_position<'e, E>(executor: E, node: &str) -> Result<Lsn, RouteError>
+/// The timeline in a WAL file name (its first eight hexadecimal digits).
+fn timeline_of_wal_file(name: &str) -> Option<u32> {
+    name.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok())
+}
+
+/// The primary's WAL insert position, as the end of the last record inserted, with its
+/// timeline.
+async fn insert_position<'e, E>(executor: E, node: &str) -> Result<WriteToken, RouteError>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
-    let (lsn, block, segment): (String, i32, i64) = sqlx::query_as(
+    let (lsn, wal_file, block, segment): (String, String, i32, i64) = sqlx::query_as(
         "SELECT pg_current_wal_insert_lsn()::text, \
+         pg_walfile_name(pg_current_wal_insert_lsn()), \
          current_setting('wal_block_size')::int, \
          pg_size_bytes(current_setting('wal_segment_size'))",
     )
     .fetch_one(executor)
     .await
     .map_err(|e| RouteError::db(node, e))?;
-    Lsn::parse(&lsn)
+    let bad = || RouteError::Database {
+        node: node.to_owned(),
+        source: sqlx::Error::Protocol(format!("unexpected WAL position {lsn:?} ({wal_file:?})")),
+    };
+    let position = Lsn::parse(&lsn)
         .map(|l| Lsn(end_of_last_record(l.0, block, segment)))
-        .ok_or_else(|| RouteError::Database {
-            node: node.to_owned(),
-            source: sqlx::Error::Protocol(format!("unexpected WAL position {lsn:?}")),
-        })
+        .ok_or_else(bad)?;
+    let timeline = timeline_of_wal_file(&wal_file).ok_or_else(bad)?;
+    Ok(WriteToken::on_timeline(position, timeline))
 }
 
 /// The insert position points past a page header when the last record ended at a page
@@ -997,6 +1070,19 @@ impl Inner {
         }
     }
 
+    /// The nodes on a timeline older than `timeline`, or on an unknown one, as a skip mask (none
+    /// when `timeline` itself is unknown).
+    fn older_than(&self, timeline: u32) -> u64 {
+        if timeline == 0 {
+            return 0;
+        }
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.timeline.load(Ordering::Acquire) < timeline)
+            .fold(0, |mask, (i, _)| mask | (1 << i))
+    }
+
     /// The primary's index, or a fast error while it is known to be unreachable.
     fn writable_primary(self: &Arc<Self>) -> Result<usize, RouteError> {
         let p = self.primary.load(Ordering::Acquire);
@@ -1037,19 +1123,41 @@ impl Inner {
         let node = &self.nodes[i];
         let query = async {
             let mut conn = node.probe_pool.acquire().await?;
-            let row: (bool, Option<String>) = sqlx::query_as(
-                "SELECT pg_is_in_recovery(), \
-                 CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text \
-                      ELSE pg_current_wal_lsn()::text END",
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            Ok::<_, sqlx::Error>(row)
+            let (in_recovery, lsn, wal_file): (bool, Option<String>, Option<String>) =
+                sqlx::query_as(
+                    "SELECT pg_is_in_recovery(), \
+                     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text \
+                          ELSE pg_current_wal_lsn()::text END, \
+                     CASE WHEN pg_is_in_recovery() THEN NULL \
+                          ELSE pg_walfile_name(pg_current_wal_lsn()) END",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+            let timeline = if in_recovery {
+                // A standby's replay timeline, at least: what its WAL receiver streams (visible
+                // with pg_read_all_stats), or the timeline of its last restartpoint or minimum
+                // recovery point. Best effort: without the privileges it is unknown.
+                sqlx::query_scalar::<_, Option<i32>>(
+                    "SELECT GREATEST( \
+                       (SELECT received_tli FROM pg_stat_wal_receiver), \
+                       (SELECT timeline_id FROM pg_control_checkpoint()), \
+                       (SELECT min_recovery_end_timeline FROM pg_control_recovery()))",
+                )
+                .fetch_one(&mut *conn)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| u32::try_from(t).ok())
+            } else {
+                wal_file.as_deref().and_then(timeline_of_wal_file)
+            };
+            Ok::<_, sqlx::Error>((in_recovery, lsn, timeline))
         };
         match tokio::time::timeout(self.config.probe_timeout, query).await {
-            Ok(Ok((in_recovery, lsn))) => Ok(Probe {
+            Ok(Ok((in_recovery, lsn, timeline))) => Ok(Probe {
                 in_recovery,
                 lsn: lsn.as_deref().and_then(Lsn::parse),
+                timeline: timeline.filter(|&t| t != 0),
             }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.config.probe_timeout)),
@@ -1068,8 +1176,25 @@ impl Inner {
         while let Some(Ok((i, r))) = set.join_next().await {
             results[i] = Some(r);
         }
+        let newest = self.timeline.load(Ordering::Acquire);
         let primary_lsn = match &results[p] {
-            Some(Ok(probe)) if !probe.in_recovery => probe.lsn,
+            Some(Ok(probe)) if !probe.in_recovery => {
+                if probe.timeline.is_some_and(|t| t < newest) {
+                    tracing::error!(
+                        db.node = %self.nodes[p].name,
+                        db.role = "primary",
+                        db.timeline = probe.timeline,
+                        db.newest_timeline = newest,
+                        "the primary is on an old timeline (a failed-over primary back without a rewind?): fenced"
+                    );
+                    None
+                } else {
+                    if let Some(t) = probe.timeline {
+                        self.timeline.fetch_max(t, Ordering::AcqRel);
+                    }
+                    probe.lsn
+                }
+            }
             _ => None,
         };
         if primary_lsn.is_none() {
@@ -1104,6 +1229,11 @@ impl Inner {
                 continue;
             }
             let node = &self.nodes[i];
+            let timeline = match &result {
+                Some(Ok(probe)) if probe.in_recovery => probe.timeline.unwrap_or(0),
+                _ => 0,
+            };
+            node.timeline.store(timeline, Ordering::Release);
             let (lag_bytes, lag_ms) = match (&result, primary_lsn) {
                 (Some(Ok(probe)), Some(primary)) if probe.in_recovery => match probe.lsn {
                     Some(replay) => {
@@ -1169,6 +1299,19 @@ impl Inner {
         for i in order {
             match self.probe(i).await {
                 Ok(probe) if !probe.in_recovery => {
+                    let newest = self.timeline.load(Ordering::Acquire);
+                    if probe.timeline.is_some_and(|t| t < newest) {
+                        tracing::error!(
+                            db.node = %self.nodes[i].name,
+                            db.timeline = probe.timeline,
+                            db.newest_timeline = newest,
+                            "a node accepts writes on an old timeline (an old primary back without a rewind?): fenced, never taken as primary"
+                        );
+                        continue;
+                    }
+                    if let Some(t) = probe.timeline {
+                        self.timeline.fetch_max(t, Ordering::AcqRel);
+                    }
                     self.primary_up.store(true, Ordering::Release);
                     if i == current {
                         return false;
