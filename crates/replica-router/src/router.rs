@@ -807,10 +807,20 @@ impl ReplicaRouter {
                 };
                 // Checked on the very connection the caller will read from: replay only moves
                 // forward while the server runs, so this read sees the token's write.
-                let replayed: Result<Option<String>, _> =
+                // Bounded like a probe: a hung replica must not hold the read forever.
+                let replayed: Result<Option<String>, _> = match tokio::time::timeout(
+                    inner.config.probe_timeout,
                     sqlx::query_scalar("SELECT pg_last_wal_replay_lsn()::text")
-                        .fetch_one(&mut *conn)
-                        .await;
+                        .fetch_one(&mut *conn),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "replay position query timed out",
+                    ))),
+                };
                 match replayed.map(|s| s.as_deref().and_then(Lsn::parse)) {
                     Ok(Some(lsn)) => {
                         inner.nodes[i].replay_lsn.fetch_max(lsn.0, Ordering::AcqRel);

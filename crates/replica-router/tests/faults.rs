@@ -237,3 +237,83 @@ async fn a_saturated_replica_pool_is_not_ejected() {
     );
     router.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_costs_bounded_waits_and_is_ejected() {
+    let cluster = PostgresCluster::start(2).unwrap();
+    let db = setup(&cluster).await;
+    let acquire_timeout = Duration::from_millis(300);
+    let router = builder(&db)
+        .pool_options(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(acquire_timeout),
+        )
+        .readmission(2, Duration::from_millis(200))
+        // Turns: half of the reads try the hung replica until it is ejected.
+        .policy(stanchion_replica_router::RoundRobin::default())
+        .build()
+        .await
+        .unwrap();
+    // Warm both pools, so the hung replica has idle connections to hand out.
+    for _ in 0..20 {
+        read_once(&router).await.unwrap();
+    }
+    let token = router.write_token().await.unwrap();
+    cluster.pause(Node::Replica(1)).unwrap();
+    let paused = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut failed = 0;
+    for i in 0..40 {
+        let t = Instant::now();
+        let consistency = if i % 2 == 0 {
+            Consistency::Any
+        } else {
+            Consistency::AtLeast(token)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), async {
+            let mut conn = router.read(consistency).await?;
+            let node = conn.route().node.clone();
+            sqlx::query_scalar::<_, i64>("SELECT v FROM items WHERE id = 1")
+                .fetch_one(&mut *conn)
+                .await
+                .map(|_| node.clone())
+                .map_err(|e| RouteError::Database { node, source: e })
+        })
+        .await
+        {
+            Ok(Ok(node)) => assert_ne!(node, "r1"),
+            Ok(Err(_)) => failed += 1,
+            Err(_) => panic!("a read waited 5 s on a hung replica"),
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    let ejected_after = {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while admitted(&router, "r1") {
+            assert!(Instant::now() < deadline, "{:?}", router.status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        paused.elapsed()
+    };
+    eprintln!(
+        "replica paused with SIGSTOP: slowest read {slowest:?}, {failed} failed of 40, ejected within {ejected_after:?}"
+    );
+    assert_eq!(failed, 0);
+    // One acquire timeout at most, plus scheduling slack on a loaded machine.
+    assert!(
+        slowest < acquire_timeout + Duration::from_millis(700),
+        "{slowest:?}"
+    );
+    cluster.resume(Node::Replica(1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admitted(&router, "r1") {
+        assert!(
+            Instant::now() < deadline,
+            "never readmitted: {:?}",
+            router.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    router.close().await;
+}

@@ -621,6 +621,38 @@ impl PostgresCluster {
         )
     }
 
+    /// Freezes a node with SIGSTOP: the postmaster and every process it started (backends,
+    /// WAL receiver, background workers). Its sockets stay open, so clients see a hung server,
+    /// not a refused connection: connections already open wait for answers that do not come,
+    /// and new ones are accepted by the kernel and never greeted. Undo with
+    /// [`resume`](Self::resume).
+    pub fn pause(&self, node: Node) -> Result<()> {
+        let pid = self.pid(node)?;
+        crate::process::signal(pid, Signal::SIGSTOP)?;
+        for child in children_of(pid) {
+            // A child that exited meanwhile is not an error.
+            let _ = crate::process::signal(child, Signal::SIGSTOP);
+        }
+        Ok(())
+    }
+
+    /// Resumes a node frozen by [`pause`](Self::pause) with SIGCONT.
+    pub fn resume(&self, node: Node) -> Result<()> {
+        let pid = self.pid(node)?;
+        for child in children_of(pid) {
+            let _ = crate::process::signal(child, Signal::SIGCONT);
+        }
+        crate::process::signal(pid, Signal::SIGCONT)
+    }
+
+    fn pid(&self, node: Node) -> Result<u32> {
+        self.node(node)?
+            .child
+            .as_ref()
+            .map(std::process::Child::id)
+            .ok_or_else(|| TestkitError::Usage(format!("{node} is not running")))
+    }
+
     /// Whether a node's process is running.
     pub fn is_running(&self, node: Node) -> bool {
         self.node(node).map(|n| n.child.is_some()).unwrap_or(false)
@@ -648,6 +680,26 @@ impl Drop for PostgresCluster {
             }
         }
     }
+}
+
+/// The processes whose parent is `pid` (from `/proc/*/stat`; empty where there is no `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name is in parentheses and may hold spaces: parse after it.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 fn is_lsn(text: &str) -> bool {
