@@ -41,17 +41,20 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod builder;
+mod conn;
 mod error;
+mod failover;
+mod health;
 mod policy;
 mod router;
 mod token;
 
+pub use crate::builder::ReplicaRouterBuilder;
+pub use crate::conn::ReadConn;
 pub use crate::error::{BuildError, RouteError};
 pub use crate::policy::{
     LeastInFlight, PowerOfTwo, Random, ReplicaPolicy, ReplicaSet, RoundRobin, Weighted,
 };
-pub use crate::router::{
-    Consistency, Fallback, MAX_NODES, NodeStatus, ReadConn, ReplicaRouter, ReplicaRouterBuilder,
-    Role, Route,
-};
+pub use crate::router::{Consistency, Fallback, MAX_NODES, NodeStatus, ReplicaRouter, Role, Route};
 pub use crate::token::{Lsn, SessionToken, TokenParseError, WriteToken};
