@@ -15,8 +15,12 @@ const MAX_CAPACITY_MICROS: u64 = 1 << 52;
 
 /// `rate` requests per `period`, with up to `burst` at once.
 ///
-/// The emission interval `period / rate` is the steady spacing of requests; it must be at
-/// least one microsecond (at most a million requests a second per key).
+/// The emission interval `period / rate` is the steady spacing of requests, in whole
+/// microseconds rounded up, so that no interval ever admits more than `rate x time + burst`;
+/// it must be at least one microsecond (at most a million requests a second per key). A rate
+/// that does not divide the period admits slightly less than it says: 3 per second admits one
+/// request every 333,334 µs; at the extreme, 999,999 per second admits 500,000 (an interval of
+/// 2 µs). Rates that divide one second (1 to 1,000,000 by divisors) are exact.
 ///
 /// ```
 /// use std::time::Duration;
@@ -54,8 +58,18 @@ impl Quota {
                 format!("{period:?}"),
             ));
         }
+        // Rounded up, never down: a shorter interval would admit more than `rate` per `period`
+        // (`per_second(3)` would admit two requests 333,333 µs apart). A rate that does not
+        // divide the period admits slightly less than it says instead.
         let emission_micros =
-            u64::try_from(period.as_micros() / u128::from(rate)).unwrap_or(u64::MAX);
+            u64::try_from(period.as_micros().div_ceil(u128::from(rate))).unwrap_or(u64::MAX);
+        if period.as_micros() < u128::from(rate) {
+            return Err(BuildError::new(
+                "rate",
+                "at most one request per microsecond of the period",
+                format!("{rate} per {period:?}"),
+            ));
+        }
         if emission_micros == 0 {
             return Err(BuildError::new(
                 "rate",

@@ -80,3 +80,81 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// The documented bound against the quota's true rate (not its rounded interval): in any
+    /// window of admitted requests, at most `burst + span x rate / period` units.
+    #[test]
+    fn the_true_rate_bound_holds_for_any_quota(
+        rate in 1u32..2_000_000,
+        period_us in 1u64..4_000_000,
+        burst in 1u32..8,
+        steps in prop::collection::vec((0u64..20_000, 1u32..3), 1..300),
+    ) {
+        prop_assume!(u64::from(rate) <= period_us);
+        let Ok(quota) = Quota::new(rate, Duration::from_micros(period_us)).and_then(|q| q.burst(burst)) else {
+            return Ok(());
+        };
+        let limits = Limits::single(quota);
+        let mut state = [0u64; 4];
+        let mut now = 1_000_000_000u64;
+        let mut admitted: Vec<(u64, u64)> = Vec::new();
+        for (advance, cost) in steps {
+            now += advance;
+            if gcra::check(&limits, &mut state, now, cost).verdict == Verdict::Allowed {
+                admitted.push((now, u64::from(cost)));
+            }
+        }
+        for i in 0..admitted.len() {
+            let mut sum = 0u128;
+            for j in i..admitted.len() {
+                sum += u128::from(admitted[j].1);
+                let span = u128::from(admitted[j].0 - admitted[i].0);
+                let allowed = u128::from(burst) + span * u128::from(rate) / u128::from(period_us);
+                prop_assert!(sum <= allowed, "{} units in {} us at {}/{} us, burst {}", sum, span, rate, period_us, burst);
+            }
+        }
+    }
+}
+
+#[test]
+fn three_per_second_with_a_burst_of_one_denies_a_request_a_third_of_a_second_later() {
+    // governor denies the second request; the emission interval used to be rounded down to
+    // 333,333 µs and admitted it.
+    let limits = Limits::single(Quota::per_second(3).unwrap().burst(1).unwrap());
+    let mut state = [0u64; 4];
+    let start = 10_000_000u64;
+    assert_eq!(
+        gcra::check(&limits, &mut state, start, 1).verdict,
+        Verdict::Allowed
+    );
+    assert_eq!(
+        gcra::check(&limits, &mut state, start + 333_333, 1).verdict,
+        Verdict::Denied
+    );
+    assert_eq!(
+        gcra::check(&limits, &mut state, start + 333_334, 1).verdict,
+        Verdict::Allowed
+    );
+}
+
+#[test]
+fn high_rates_never_admit_more_than_a_million_a_second() {
+    for rate in [500_001u32, 750_000, 999_999, 1_000_000] {
+        let quota = Quota::per_second(rate).unwrap().burst(1).unwrap();
+        let limits = Limits::single(quota);
+        let mut state = [0u64; 4];
+        let mut admitted = 0u64;
+        for us in 0..1_000_000u64 {
+            if gcra::check(&limits, &mut state, 5_000_000 + us, 1).verdict == Verdict::Allowed {
+                admitted += 1;
+            }
+        }
+        assert!(
+            admitted <= u64::from(rate) + 1,
+            "{rate}/s admitted {admitted}"
+        );
+    }
+}
