@@ -170,7 +170,13 @@ return {1, n + 1}
     const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false then return 0 end
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if expiry == false then return 0 end
+-- Expired but not yet swept by an acquire: the slot may already be counted as free.
+if tonumber(expiry) <= now then
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  return 0
+end
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 1000)
 return 1

@@ -41,6 +41,8 @@ pub struct RateLimiterBuilder<S, Q> {
     shadow: bool,
     max_key_len: usize,
     deny_cache_capacity: usize,
+    /// Built from an empty [`Limits`]: refused by `build`.
+    empty_limits: bool,
 }
 
 impl<S, Q> fmt::Debug for RateLimiterBuilder<S, Q> {
@@ -68,8 +70,9 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
         self
     }
 
-    /// While down, the store is probed in the background this often (default 1 s); callers never
-    /// wait for it.
+    /// While down, the store is probed in the background this often (default 1 s, at most one
+    /// hour); callers never wait for it: once a check has timed out or failed, every check decides
+    /// at once by the failure mode until a background probe finds the store answering again.
     pub fn recheck_interval(mut self, every: Duration) -> Self {
         self.recheck = every;
         self
@@ -94,15 +97,26 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
     }
 
     /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for an empty set of limits, a timeout or recheck interval of zero or above
+    /// one hour, `FailureMode::Local` with zero instances, or a maximum key length of zero.
     pub fn build(self) -> Result<RateLimiter<S, Q>, BuildError> {
-        if self.timeout.is_zero() {
-            return Err(BuildError::new("timeout", "greater than zero", "0s"));
+        if self.empty_limits {
+            return Err(BuildError::new("limits", "at least one quota", "none"));
         }
-        if self.recheck.is_zero() {
+        if self.timeout.is_zero() || self.timeout > MAX_WAIT {
+            return Err(BuildError::new(
+                "timeout",
+                "greater than zero and at most one hour",
+                format!("{:?}", self.timeout),
+            ));
+        }
+        if self.recheck.is_zero() || self.recheck > MAX_WAIT {
             return Err(BuildError::new(
                 "recheck_interval",
-                "greater than zero",
-                "0s",
+                "greater than zero and at most one hour",
+                format!("{:?}", self.recheck),
             ));
         }
         if let FailureMode::Local { instances: 0 } = self.failure_mode {
@@ -129,6 +143,12 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
         })
     }
 }
+
+/// The longest timeout or recheck interval accepted.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// `down_until` while a background probe is running: down until the probe clears it.
+const DOWN_UNTIL_PROBED: u64 = u64::MAX;
 
 /// A rate limiter over a shared store, cheap to clone (clones share everything).
 ///
@@ -198,7 +218,10 @@ impl<S: RateLimitStore> RateLimiter<S, Limits> {
     /// A limiter with the same limits for every key (see [`with_selector`](Self::with_selector)
     /// for per-key plans).
     pub fn builder(store: S, limits: Limits) -> RateLimiterBuilder<S, Limits> {
-        Self::with_selector(store, limits)
+        let empty = limits.is_empty();
+        let mut builder = Self::with_selector(store, limits);
+        builder.empty_limits = empty;
+        builder
     }
 }
 
@@ -214,6 +237,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             shadow: false,
             max_key_len: 512,
             deny_cache_capacity: 100_000,
+            empty_limits: false,
         }
     }
 
@@ -327,11 +351,16 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
     ) -> Decision {
         let inner = &*self.inner;
         if let Some(error) = error {
-            let was_down = inner.down_until.swap(
-                inner.clock.now_micros() + micros(inner.recheck),
-                Ordering::AcqRel,
-            );
-            if was_down <= inner.clock.now_micros() {
+            let now = inner.clock.now_micros();
+            // Down until a background probe sees the store answer again; without a runtime to
+            // probe from, down for one recheck interval.
+            let until = if self.start_probe() {
+                DOWN_UNTIL_PROBED
+            } else {
+                now.saturating_add(micros(inner.recheck))
+            };
+            let was_down = inner.down_until.swap(until, Ordering::AcqRel);
+            if was_down <= now {
                 tracing::warn!(
                     error = %error,
                     ratelimit.failure_mode = ?inner.failure_mode,
@@ -340,7 +369,6 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             }
             #[cfg(feature = "metrics")]
             metrics::counter!("ratelimit.store_errors").increment(1);
-            self.start_probe();
         }
         let mut decision = match inner.failure_mode {
             FailureMode::Open => Decision::allow_all(Source::Fallback),
@@ -370,36 +398,36 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
         decision
     }
 
-    fn start_probe(&self) {
+    /// Makes sure a background probe is running; `false` if none can run (no tokio runtime).
+    /// The probe holds the limiter weakly: a limiter dropped while its store is down stops it.
+    fn start_probe(&self) -> bool {
         let inner = &*self.inner;
         if inner.probing.swap(true, Ordering::AcqRel) {
-            return;
+            return true;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             inner.probing.store(false, Ordering::Release);
-            return;
+            return false;
         };
-        let this = self.clone();
+        let weak = Arc::downgrade(&self.inner);
+        let (recheck, timeout) = (inner.recheck, inner.timeout);
         handle.spawn(async move {
-            let inner = &*this.inner;
             loop {
-                tokio::time::sleep(inner.recheck).await;
+                tokio::time::sleep(recheck).await;
+                let Some(inner) = weak.upgrade() else { return };
                 let healthy = matches!(
-                    tokio::time::timeout(inner.timeout, inner.store.probe()).await,
+                    tokio::time::timeout(timeout, inner.store.probe()).await,
                     Ok(Ok(()))
                 );
                 if healthy {
+                    inner.probing.store(false, Ordering::Release);
                     inner.down_until.store(0, Ordering::Release);
                     tracing::info!("rate-limit store is answering again");
-                    break;
+                    return;
                 }
-                inner.down_until.store(
-                    inner.clock.now_micros() + micros(inner.recheck) * 2,
-                    Ordering::Release,
-                );
             }
-            inner.probing.store(false, Ordering::Release);
         });
+        true
     }
 }
 

@@ -80,6 +80,20 @@ async fn limiter_settings_and_keys_are_checked() {
         ),
         "failure_mode.instances"
     );
+    // Durations that would overflow `now + recheck` are refused, not left to panic later.
+    assert_eq!(
+        build(RateLimiter::builder(store(), limits.clone()).recheck_interval(Duration::MAX)),
+        "recheck_interval"
+    );
+    assert_eq!(
+        build(RateLimiter::builder(store(), limits.clone()).timeout(Duration::MAX)),
+        "timeout"
+    );
+    // An empty set of limits would allow everything: refused.
+    assert_eq!(
+        build(RateLimiter::builder(store(), Limits::new())),
+        "limits"
+    );
     let limiter = RateLimiter::builder(store(), limits)
         .max_key_len(64)
         .build()

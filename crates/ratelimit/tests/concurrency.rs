@@ -92,3 +92,28 @@ async fn redis_leases_are_shared_across_instances_released_and_expire() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(a.acquire("tenant").await.is_ok());
 }
+
+#[tokio::test]
+async fn renewing_an_expired_redis_lease_says_false_and_frees_nothing_twice() {
+    let server = RedisServer::shared().unwrap();
+    let prefix = format!("renew-{}:", std::process::id());
+    let limiter = RedisConcurrencyLimiter::new(
+        support::manager(&server.url()).await,
+        &prefix,
+        1,
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    let lease = limiter.acquire("job").await.unwrap();
+    // Within the ttl: renewed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(lease.renew().await.unwrap());
+    // Past the ttl, before any other acquire swept it: expired, so not renewed.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(!lease.renew().await.unwrap(), "renewed 150 ms past its ttl");
+    // The slot is free for someone else, and the late holder cannot take it back.
+    let other = limiter.acquire("job").await.unwrap();
+    assert!(!lease.renew().await.unwrap());
+    assert!(limiter.acquire("job").await.unwrap_err().is_full());
+    drop(other);
+}

@@ -150,3 +150,64 @@ async fn a_killed_and_restarted_redis_is_used_again() {
     server.restart().unwrap();
     wait_until_shared(&limiter, "k").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_first_timeout_no_caller_waits_again_over_many_recheck_intervals() {
+    let server = RedisServer::start().unwrap();
+    let limiter = limiter(
+        &server,
+        FailureMode::Open,
+        Limits::single(Quota::per_second(1000).unwrap()),
+    )
+    .await;
+    assert_eq!(limiter.check("k", 1).await.unwrap().source, Source::Shared);
+    server.pause().unwrap();
+    let start = Instant::now();
+    let mut waits = Vec::new();
+    // Seven recheck intervals of steady traffic against a Redis that stays paused.
+    while start.elapsed() < RECHECK * 7 {
+        let t = Instant::now();
+        let d = limiter.check("k", 1).await.unwrap();
+        let took = t.elapsed();
+        if took >= TIMEOUT - Duration::from_millis(5) {
+            waits.push((start.elapsed(), took));
+        }
+        assert_ne!(d.source, Source::Shared);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("callers that waited for the paused Redis: {waits:?}");
+    assert_eq!(waits.len(), 1, "only the first caller waits: {waits:?}");
+    assert!(limiter.is_store_down());
+    server.resume().unwrap();
+    wait_until_shared(&limiter, "k").await;
+    assert!(!limiter.is_store_down());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_dropped_while_redis_is_down_stops_its_probe() {
+    let server = RedisServer::start().unwrap();
+    let limiter = limiter(
+        &server,
+        FailureMode::Open,
+        Limits::single(Quota::per_second(1000).unwrap()),
+    )
+    .await;
+    limiter.check("k", 1).await.unwrap();
+    server.pause().unwrap();
+    let d = limiter.check("k", 1).await.unwrap();
+    assert_eq!(d.source, Source::Fallback);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let with_probe = metrics.num_alive_tasks();
+    drop(limiter);
+    // The probe wakes within one recheck interval, finds the limiter gone and ends.
+    let deadline = Instant::now() + RECHECK * 10;
+    while metrics.num_alive_tasks() >= with_probe {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks still alive (were {with_probe})",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.resume().unwrap();
+}
