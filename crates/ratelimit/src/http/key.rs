@@ -103,8 +103,13 @@ impl FromStr for IpNet {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr = canonical(IpAddr::from_str(addr.trim()).map_err(|_| bad())?);
-        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let raw = IpAddr::from_str(addr.trim()).map_err(|_| bad())?;
+        let addr = canonical(raw);
+        // An IPv4 network written in IPv4-mapped IPv6 notation (`::ffff:10.0.0.0/104`, as some
+        // dual-stack configurations write it) has its prefix counted over 128 bits: it is the
+        // IPv4 network with the prefix minus 96.
+        let mapped = raw.is_ipv6() && addr.is_ipv4();
+        let max = if addr.is_ipv4() && !mapped { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
             None => max,
@@ -112,6 +117,12 @@ impl FromStr for IpNet {
         if prefix > max {
             return Err(bad());
         }
+        let prefix = if mapped {
+            // Below /96 the network is wider than the mapped IPv4 range.
+            prefix.checked_sub(96).ok_or_else(bad)?
+        } else {
+            prefix
+        };
         Ok(Self { addr, prefix })
     }
 }
@@ -296,6 +307,30 @@ mod tests {
         let mut r = b.body(()).unwrap();
         r.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
         r
+    }
+
+    #[test]
+    fn ipv4_networks_in_ipv4_mapped_notation_are_the_ipv4_networks() {
+        let net: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(net, "10.0.0.0/8".parse().unwrap());
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert_eq!(
+            "::ffff:192.168.1.7".parse::<IpNet>().unwrap(),
+            "192.168.1.7/32".parse().unwrap()
+        );
+        assert_eq!(
+            "::ffff:0.0.0.0/96".parse::<IpNet>().unwrap(),
+            "0.0.0.0/0".parse().unwrap()
+        );
+        // Out of range either way.
+        for bad in ["::ffff:10.0.0.0/129", "::ffff:10.0.0.0/95", "10.0.0.0/33", "::1/129"] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+        // Plain IPv6 networks keep their prefix.
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8::1".parse().unwrap()));
     }
 
     #[test]
