@@ -72,6 +72,6 @@ pub use crate::redis::{BatchStats, GCRA_SCRIPT, RedisStore};
 mod http;
 #[cfg(feature = "tower")]
 pub use crate::http::{
-    ClientIp, HeaderKey, IpNet, KeyExtractor, MissingKey, PeerAddr, ProxyHeader, RateLimitFuture,
-    RateLimitLayer, RateLimitService, write_headers,
+    ClientIp, HeaderKey, IpNet, KeyExtractor, MIN_KEY_SECRET_LEN, MissingKey, PeerAddr,
+    ProxyHeader, RateLimitFuture, RateLimitLayer, RateLimitService, write_headers,
 };

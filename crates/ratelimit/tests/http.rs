@@ -162,6 +162,8 @@ async fn clones_of_the_layer_share_one_limiter_and_preflight_is_exempt() {
     assert_ne!(res.status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
+const SECRET: &[u8] = b"test secret, sixteen bytes or more";
+
 #[tokio::test]
 async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
     let limiter = RateLimiter::builder(
@@ -174,7 +176,7 @@ async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
         .route("/", get(|| async { "ok" }))
         .layer(RateLimitLayer::new(
             limiter.clone(),
-            HeaderKey::new("x-api-key").unwrap(),
+            HeaderKey::new("x-api-key", SECRET).unwrap(),
         ));
     let no_key = || Request::builder().uri("/").body(Body::empty()).unwrap();
     assert_eq!(
@@ -182,7 +184,7 @@ async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
         StatusCode::BAD_REQUEST
     );
     let allow = Router::new().route("/", get(|| async { "ok" })).layer(
-        RateLimitLayer::new(limiter, HeaderKey::new("x-api-key").unwrap())
+        RateLimitLayer::new(limiter, HeaderKey::new("x-api-key", SECRET).unwrap())
             .missing_key(MissingKey::Allow),
     );
     assert_eq!(
@@ -191,6 +193,8 @@ async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
     );
 }
 
+// Reads the peer address through axum's `ConnectInfo`: needs the `axum` feature.
+#[cfg(all(feature = "redis", feature = "axum"))]
 #[tokio::test]
 async fn the_middleware_works_over_redis_behind_a_real_server() {
     let redis = stanchion_testkit::RedisServer::shared().unwrap();
@@ -230,4 +234,65 @@ async fn the_middleware_works_over_redis_behind_a_real_server() {
     }
     assert_eq!(codes, ["200", "200", "429"]);
     server.abort();
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn api_keys_never_reach_redis_key_names_and_are_the_same_on_every_instance() {
+    use redis::AsyncCommands;
+    let redis = stanchion_testkit::RedisServer::shared().unwrap();
+    let prefix = support::prefix("apikey");
+    let api_key = "sk_live_4eC39HqLyjWDarjtT1zdp7dc";
+    let mut keys_seen = Vec::new();
+    for _instance in 0..2 {
+        let store = RedisStore::new(support::manager(&redis.url()).await, &prefix);
+        let limiter = RateLimiter::builder(store, limits()).build().unwrap();
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .layer(RateLimitLayer::new(
+                limiter,
+                HeaderKey::new("x-api-key", SECRET).unwrap(),
+            ));
+        let req = Request::builder()
+            .uri("/")
+            .header("x-api-key", api_key)
+            .body(Body::empty())
+            .unwrap();
+        keys_seen.push(app.oneshot(req).await.unwrap().status());
+    }
+    // Two instances, one shared limit of 2: both requests counted against the same key.
+    assert_eq!(keys_seen, [StatusCode::OK, StatusCode::OK]);
+    let mut conn = support::manager(&redis.url()).await;
+    let names: Vec<String> = conn.keys(format!("{prefix}*")).await.unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(!names[0].contains(api_key), "{names:?}");
+    assert!(!names[0].contains("sk_live"), "{names:?}");
+    // A third request from either instance is the third against one quota.
+    let store = RedisStore::new(support::manager(&redis.url()).await, &prefix);
+    let limiter = RateLimiter::builder(store, limits()).build().unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(RateLimitLayer::new(
+            limiter,
+            HeaderKey::new("x-api-key", SECRET).unwrap(),
+        ));
+    let req = Request::builder()
+        .uri("/")
+        .header("x-api-key", api_key)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.oneshot(req).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[test]
+fn a_short_secret_is_refused_and_debug_shows_no_secret() {
+    assert_eq!(
+        HeaderKey::new("x-api-key", b"short").unwrap_err().field(),
+        "key secret"
+    );
+    let key = HeaderKey::new("x-api-key", SECRET).unwrap();
+    assert!(!format!("{key:?}").contains("sixteen"));
 }

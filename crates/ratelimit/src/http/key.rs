@@ -36,33 +36,86 @@ where
     }
 }
 
-/// The value of a request header (an API key), prefixed so it cannot collide with IP keys.
+/// A request header that carries a credential (an API key), as a key that is not the secret
+/// itself: `key:` and 32 hexadecimal digits of an HMAC-SHA-256 of the header's value, keyed by a
+/// secret of the application's.
+///
+/// An API key is a secret: written as it is into Redis key names and shadow-mode log lines, it
+/// would be readable by anyone who can list Redis keys or read the logs. The keyed hash keeps
+/// the key stable (every instance configured with the same `secret` computes the same one, so
+/// limits stay shared) without revealing the credential, and without the secret nobody can
+/// test guesses of credentials against the Redis key names. 128 bits of the hash are kept:
+/// two credentials share a limit with a probability of about 2^-64 at four billion keys.
 ///
 /// ```
 /// use stanchion_ratelimit::{HeaderKey, KeyExtractor};
-/// let key = HeaderKey::new("x-api-key")?;
+/// let key = HeaderKey::new("x-api-key", b"a secret of at least 16 bytes")?;
 /// let req = http::Request::builder().header("x-api-key", "k-123").body(()).unwrap();
-/// assert_eq!(key.extract(&req).as_deref(), Some("key:k-123"));
+/// let extracted = key.extract(&req).unwrap();
+/// assert!(extracted.starts_with("key:") && !extracted.contains("k-123"));
+/// assert_eq!(extracted.len(), 4 + 32);
 /// # Ok::<(), stanchion_ratelimit::BuildError>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HeaderKey {
     name: http::HeaderName,
+    /// The keyed state, cloned per request (the secret is hashed once).
+    mac: hmac::Hmac<sha2::Sha256>,
 }
 
+impl fmt::Debug for HeaderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret.
+        f.debug_struct("HeaderKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shortest secret accepted by [`HeaderKey::new`].
+pub const MIN_KEY_SECRET_LEN: usize = 16;
+
 impl HeaderKey {
-    /// Uses the header `name`.
-    pub fn new(name: &str) -> Result<Self, BuildError> {
+    /// Uses the header `name`, hashing its values with `secret` (at least
+    /// [`MIN_KEY_SECRET_LEN`] bytes; the same on every instance that shares limits, and kept
+    /// as secret as the credentials themselves).
+    ///
+    /// # Errors
+    /// [`BuildError`] for an invalid header name or a secret shorter than 16 bytes.
+    pub fn new(name: &str, secret: &[u8]) -> Result<Self, BuildError> {
+        use hmac::KeyInit;
         let name = http::HeaderName::from_str(name)
             .map_err(|_| BuildError::new("header name", "a valid HTTP header name", name))?;
-        Ok(Self { name })
+        if secret.len() < MIN_KEY_SECRET_LEN {
+            return Err(BuildError::new(
+                "key secret",
+                "at least 16 bytes",
+                format!("{} bytes", secret.len()),
+            ));
+        }
+        let mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
+            .map_err(|_| BuildError::new("key secret", "a usable HMAC key", "another"))?;
+        Ok(Self { name, mac })
     }
 }
 
 impl<B> KeyExtractor<B> for HeaderKey {
     fn extract(&self, req: &http::Request<B>) -> Option<String> {
-        let value = req.headers().get(&self.name)?.to_str().ok()?.trim();
-        (!value.is_empty()).then(|| format!("key:{value}"))
+        use hmac::Mac;
+        use std::fmt::Write;
+        let value = req.headers().get(&self.name)?.as_bytes().trim_ascii();
+        if value.is_empty() {
+            return None;
+        }
+        let mut mac = self.mac.clone();
+        mac.update(value);
+        let digest = mac.finalize().into_bytes();
+        let mut key = String::with_capacity(4 + 32);
+        key.push_str("key:");
+        for byte in &digest[..16] {
+            let _ = write!(key, "{byte:02x}");
+        }
+        Some(key)
     }
 }
 
@@ -325,7 +378,12 @@ mod tests {
             "0.0.0.0/0".parse().unwrap()
         );
         // Out of range either way.
-        for bad in ["::ffff:10.0.0.0/129", "::ffff:10.0.0.0/95", "10.0.0.0/33", "::1/129"] {
+        for bad in [
+            "::ffff:10.0.0.0/129",
+            "::ffff:10.0.0.0/95",
+            "10.0.0.0/33",
+            "::1/129",
+        ] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
         // Plain IPv6 networks keep their prefix.

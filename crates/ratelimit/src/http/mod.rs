@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
-pub use self::key::{ClientIp, HeaderKey, IpNet, KeyExtractor, PeerAddr, ProxyHeader};
+pub use self::key::{
+    ClientIp, HeaderKey, IpNet, KeyExtractor, MIN_KEY_SECRET_LEN, PeerAddr, ProxyHeader,
+};
 
 use crate::gcra::{Decision, Verdict};
 use crate::limiter::RateLimiter;
