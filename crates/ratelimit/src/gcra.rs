@@ -226,7 +226,7 @@ fn check_one(q: &crate::quota::Quota, tat: &mut u64, now: u64, cost: u32) -> Dec
 }
 
 #[inline]
-fn remaining(capacity: u64, emission: u64, ahead: u64) -> u32 {
+pub(crate) fn remaining(capacity: u64, emission: u64, ahead: u64) -> u32 {
     u32::try_from(capacity.saturating_sub(ahead) / emission.max(1)).unwrap_or(u32::MAX)
 }
 

@@ -286,17 +286,22 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             });
         }
         let now = inner.clock.now_micros();
+        // Only a request the store would certainly deny, answered as the store would: same
+        // cost as the cached denial (a cheaper one may pass), never a peek (cost 0 only
+        // reports).
         if !inner.shadow
-            && let Some(until) = inner.deny.get(key, now)
+            && cost > 0
+            && let Some(denial) = inner.deny.get(key, cost, now)
+            && let Some(q) = limits.quota(denial.quota)
         {
-            let q = limits.quota(0);
+            let ahead = denial.tat.saturating_sub(now);
             return Ok(Decision {
                 verdict: Verdict::Denied,
-                quota: 0,
-                limit: q.map_or(0, |q| q.burst_size()),
-                remaining: 0,
-                reset_after: Duration::from_micros(until - now),
-                retry_after: Some(Duration::from_micros(until - now)),
+                quota: denial.quota,
+                limit: q.burst_size(),
+                remaining: crate::gcra::remaining(q.capacity_micros(), q.emission_micros(), ahead),
+                reset_after: Duration::from_micros(ahead),
+                retry_after: Some(Duration::from_micros(denial.until - now)),
                 shadow_denied: false,
                 source: Source::DenyCache,
             });
@@ -312,12 +317,17 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                 }
             }
         };
-        Ok(self.finish(key, decision, now))
+        Ok(self.finish(key, cost, decision, now))
     }
 
-    fn finish(&self, key: &str, mut decision: Decision, now: u64) -> Decision {
+    fn finish(&self, key: &str, cost: u32, mut decision: Decision, now: u64) -> Decision {
         let inner = &*self.inner;
         if decision.verdict != Verdict::Denied {
+            if decision.verdict == Verdict::Allowed && cost > 0 {
+                // The admission moved the key's state: a remembered denial of another cost
+                // no longer says what the store would answer.
+                inner.deny.remove(key);
+            }
             return decision;
         }
         #[cfg(feature = "metrics")]
@@ -334,10 +344,21 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             return decision;
         }
         if decision.source == Source::Shared
+            && cost > 0
             && let Some(wait) = decision.retry_after
         {
-            let wait = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
-            inner.deny.insert(key, now.saturating_add(wait), now);
+            // What the store said, as absolute times on this process's clock: the denying
+            // quota's TAT and when this cost passes.
+            inner.deny.insert(
+                key,
+                Denial {
+                    cost,
+                    quota: decision.quota,
+                    tat: now.saturating_add(micros(decision.reset_after)),
+                    until: now.saturating_add(micros(wait)),
+                },
+                now,
+            );
         }
         decision
     }
@@ -435,11 +456,32 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Keys denied until a time, remembered locally. Bounded: when full, expired entries are
-/// swept, and if it is still full new denials are simply not remembered.
+/// What the store answered for a denied request, kept to answer the same request locally.
+#[derive(Debug, Clone, Copy)]
+struct Denial {
+    /// The cost that was denied: only that cost is answered from the cache.
+    cost: u32,
+    /// The quota that denied.
+    quota: usize,
+    /// That quota's theoretical arrival time (local clock, microseconds).
+    tat: u64,
+    /// When a request of `cost` passes (local clock, microseconds).
+    until: u64,
+}
+
+/// Keys denied until a time, remembered locally. Bounded: when a shard is full, expired entries
+/// are swept, at most once until the earliest entry of the shard expires; if it is still full,
+/// new denials are not remembered (they go to the store, which is always right).
 struct DenyCache {
     capacity: usize,
-    shards: Box<[Mutex<HashMap<String, u64>>]>,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<String, Denial>,
+    /// A sweep before this time would find nothing expired.
+    next_sweep: u64,
 }
 
 impl DenyCache {
@@ -452,34 +494,53 @@ impl DenyCache {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, u64>> {
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize;
         &self.shards[h % Self::SHARDS]
     }
 
-    fn get(&self, key: &str, now: u64) -> Option<u64> {
+    fn get(&self, key: &str, cost: u32, now: u64) -> Option<Denial> {
         if self.capacity == 0 {
             return None;
         }
-        let map = self.shard(key).lock().ok()?;
-        map.get(key).copied().filter(|until| *until > now)
+        let shard = self.shard(key).lock().ok()?;
+        shard
+            .entries
+            .get(key)
+            .copied()
+            .filter(|d| d.cost == cost && d.until > now)
     }
 
-    fn insert(&self, key: &str, until: u64, now: u64) {
+    fn remove(&self, key: &str) {
         if self.capacity == 0 {
             return;
         }
-        let Ok(mut map) = self.shard(key).lock() else {
+        if let Ok(mut shard) = self.shard(key).lock()
+            && !shard.entries.is_empty()
+        {
+            shard.entries.remove(key);
+        }
+    }
+
+    fn insert(&self, key: &str, denial: Denial, now: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let Ok(mut shard) = self.shard(key).lock() else {
             return;
         };
         let per_shard = self.capacity.div_ceil(Self::SHARDS);
-        if map.len() >= per_shard {
-            map.retain(|_, u| *u > now);
-            if map.len() >= per_shard {
+        if shard.entries.len() >= per_shard && !shard.entries.contains_key(key) {
+            if now < shard.next_sweep {
+                return;
+            }
+            shard.entries.retain(|_, d| d.until > now);
+            shard.next_sweep = shard.entries.values().map(|d| d.until).min().unwrap_or(0);
+            if shard.entries.len() >= per_shard {
                 return;
             }
         }
-        map.insert(key.to_owned(), until);
+        shard.entries.insert(key.to_owned(), denial);
     }
 }

@@ -1,0 +1,132 @@
+//! The deny cache answers only what the store would certainly deny, exactly as the store would:
+//! compared, request for request, with a limiter that asks Redis every time.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::time::Duration;
+
+use stanchion_ratelimit::{Decision, Limits, Quota, RateLimiter, RedisStore, Source, Verdict};
+use stanchion_testkit::RedisServer;
+
+type Limiter = RateLimiter<RedisStore<redis::aio::ConnectionManager>>;
+
+async fn pair(server: &RedisServer, limits: Limits) -> (Limiter, Limiter) {
+    let make = |capacity: usize, prefix: String| {
+        let limits = limits.clone();
+        async move {
+            let store = RedisStore::new(support::manager(&server.url()).await, &prefix);
+            RateLimiter::builder(store, limits)
+                .timeout(Duration::from_secs(2))
+                .deny_cache_capacity(capacity)
+                .build()
+                .unwrap()
+        }
+    };
+    (
+        make(1000, support::prefix("cached")).await,
+        make(0, support::prefix("store-only")).await,
+    )
+}
+
+/// Equal but for the source and for durations read a moment apart on two clocks.
+fn assert_same(cached: &Decision, store: &Decision, what: &str) {
+    assert_eq!(
+        (cached.verdict, cached.quota, cached.limit, cached.remaining),
+        (store.verdict, store.quota, store.limit, store.remaining),
+        "{what}: cached {cached:?} store {store:?}"
+    );
+    let close = |a: Duration, b: Duration| a.abs_diff(b) <= Duration::from_millis(15);
+    assert!(
+        close(cached.reset_after, store.reset_after),
+        "{what}: {cached:?} {store:?}"
+    );
+    match (cached.retry_after, store.retry_after) {
+        (Some(a), Some(b)) => assert!(close(a, b), "{what}: {cached:?} {store:?}"),
+        (a, b) => assert_eq!(a.is_some(), b.is_some(), "{what}: {cached:?} {store:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_quota_denial_is_reported_as_the_store_reports_it() {
+    let server = RedisServer::shared().unwrap();
+    let limits = Limits::new()
+        .with("second", Quota::per_second(10).unwrap())
+        .unwrap()
+        .with("minute", Quota::per_minute(2).unwrap())
+        .unwrap();
+    let (cached, store) = pair(server, limits).await;
+    for _ in 0..3 {
+        cached.check("u", 1).await.unwrap();
+        store.check("u", 1).await.unwrap();
+    }
+    // The fourth request: denied by the per-minute quota (index 1, limit 2, reset ~60 s).
+    let from_cache = cached.check("u", 1).await.unwrap();
+    let from_store = store.check("u", 1).await.unwrap();
+    assert_eq!(from_cache.source, Source::DenyCache, "{from_cache:?}");
+    assert_eq!((from_store.quota, from_store.limit), (1, 2));
+    assert_same(&from_cache, &from_store, "fourth request");
+    assert!(from_cache.reset_after > Duration::from_secs(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheaper_request_and_a_peek_go_to_the_store() {
+    let server = RedisServer::shared().unwrap();
+    let (cached, _) = pair(server, Limits::single(Quota::per_minute(5).unwrap())).await;
+    assert!(cached.check("u", 3).await.unwrap().is_allowed());
+    // Cost 3 with 2 left: denied by the store and remembered.
+    let denied = cached.check("u", 3).await.unwrap();
+    assert_eq!(
+        (denied.verdict, denied.source),
+        (Verdict::Denied, Source::Shared)
+    );
+    assert_eq!(
+        cached.check("u", 3).await.unwrap().source,
+        Source::DenyCache
+    );
+    // A peek reports, from the store, and consumes nothing.
+    let peek = cached.check("u", 0).await.unwrap();
+    assert_eq!(
+        (peek.verdict, peek.source, peek.remaining),
+        (Verdict::Allowed, Source::Shared, 2)
+    );
+    // A cheaper request the store admits is admitted.
+    let cheaper = cached.check("u", 2).await.unwrap();
+    assert_eq!(
+        (cheaper.verdict, cheaper.source),
+        (Verdict::Allowed, Source::Shared)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_with_the_deny_cache_equals_the_store_alone() {
+    let server = RedisServer::shared().unwrap();
+    let limits = Limits::new()
+        .with("burst", Quota::per_second(20).unwrap().burst(4).unwrap())
+        .unwrap()
+        .with("slow", Quota::new(6, Duration::from_secs(2)).unwrap())
+        .unwrap();
+    let (cached, store) = pair(server, limits).await;
+    // A fixed pseudo-random schedule of costs and pauses (xorshift), the same for both.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut from_cache = 0;
+    for step in 0..300 {
+        let key = if next() % 3 == 0 { "a" } else { "b" };
+        let cost = (next() % 4) as u32; // 0 (a peek) to 3
+        let c = cached.check(key, cost).await.unwrap();
+        let s = store.check(key, cost).await.unwrap();
+        assert_same(&c, &s, &format!("step {step}, key {key}, cost {cost}"));
+        from_cache += usize::from(c.source == Source::DenyCache);
+        if next() % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(next() % 120)).await;
+        }
+    }
+    eprintln!("300 decisions equal to the store's, {from_cache} of them from the deny cache");
+    assert!(from_cache > 20, "the cache answered {from_cache}");
+}
