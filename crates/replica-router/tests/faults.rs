@@ -1,40 +1,19 @@
 //! What callers see when servers die, hang, slow down or saturate, on real replication.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use stanchion_replica_router::{Consistency, ReplicaRouter, ReplicaRouterBuilder, RouteError};
-use stanchion_testkit::{Node, PostgresCluster, TestDatabase};
-
-fn builder(db: &TestDatabase) -> ReplicaRouterBuilder {
-    ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
-        .health_interval(Duration::from_millis(100))
-        .probe_timeout(Duration::from_millis(300))
-}
-
-async fn setup(cluster: &PostgresCluster) -> TestDatabase {
-    let db = cluster.create_database().unwrap();
-    cluster
-        .sql(
-            Node::Primary,
-            &db.name,
-            "CREATE TABLE items (id int PRIMARY KEY, v bigint NOT NULL); \
-             INSERT INTO items SELECT g, 0 FROM generate_series(0, 15) g",
-        )
-        .unwrap();
-    cluster.wait_replayed(0, Duration::from_secs(10)).unwrap();
-    cluster.wait_replayed(1, Duration::from_secs(10)).unwrap();
-    db
-}
+use stanchion_replica_router::{Consistency, ReplicaRouter, RouteError};
+use stanchion_testkit::{Node, PostgresCluster};
+use support::{builder, setup};
 
 async fn read_once(router: &ReplicaRouter) -> Result<i64, RouteError> {
     let mut conn = router.read(Consistency::Any).await?;
     let node = conn.route().node.clone();
-    sqlx::query_scalar("SELECT v FROM items WHERE id = 1")
+    sqlx::query_scalar("SELECT v FROM counters WHERE id = 1")
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| RouteError::Database { node, source: e })
@@ -83,7 +62,11 @@ fn longest_gap(served: &[Instant], from: Instant) -> Duration {
 async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fast() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = builder(&db).build().await.unwrap();
+    let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
     assert!(admitted(&router, "r0") && admitted(&router, "r1"));
 
     let start = Instant::now();
@@ -137,7 +120,11 @@ async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fa
 async fn a_primary_that_stays_dead_keeps_writes_failing_fast_and_reads_served() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = builder(&db).build().await.unwrap();
+    let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
     cluster.kill(Node::Primary).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Many health rounds later, nothing has changed for the caller.
@@ -161,6 +148,7 @@ async fn a_burst_of_failed_writes_starts_one_primary_search_at_a_time() {
     let db = setup(&cluster).await;
     // A long health interval: only the writes can notice the dead primary.
     let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
         .health_interval(Duration::from_secs(3600))
         .build()
         .await
@@ -192,6 +180,7 @@ async fn a_saturated_replica_pool_is_not_ejected() {
     let cluster = PostgresCluster::shared().unwrap();
     let db = setup(cluster).await;
     let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
         .pool_options(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
@@ -244,6 +233,7 @@ async fn a_hung_replica_costs_bounded_waits_and_is_ejected() {
     let db = setup(&cluster).await;
     let acquire_timeout = Duration::from_millis(300);
     let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
         .pool_options(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
@@ -274,7 +264,7 @@ async fn a_hung_replica_costs_bounded_waits_and_is_ejected() {
         match tokio::time::timeout(Duration::from_secs(5), async {
             let mut conn = router.read(consistency).await?;
             let node = conn.route().node.clone();
-            sqlx::query_scalar::<_, i64>("SELECT v FROM items WHERE id = 1")
+            sqlx::query_scalar::<_, i64>("SELECT v FROM counters WHERE id = 1")
                 .fetch_one(&mut *conn)
                 .await
                 .map(|_| node.clone())

@@ -1,36 +1,21 @@
 //! Lag on an idle primary, and write tokens under asynchronous commit, on real replication.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection;
 use stanchion_replica_router::{Consistency, ReplicaRouter, Role};
-use stanchion_testkit::{Node, PostgresCluster, TestDatabase};
-
-async fn setup(cluster: &PostgresCluster) -> TestDatabase {
-    let db = cluster.create_database().unwrap();
-    cluster
-        .sql(
-            Node::Primary,
-            &db.name,
-            "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL); \
-             INSERT INTO counters SELECT g, 0 FROM generate_series(0, 15) g",
-        )
-        .unwrap();
-    cluster.wait_replayed(0, Duration::from_secs(10)).unwrap();
-    cluster.wait_replayed(1, Duration::from_secs(10)).unwrap();
-    db
-}
+use stanchion_testkit::{Node, PostgresCluster};
+use support::{builder, setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_keeps_up_with_an_idle_primary_is_never_ejected_for_lag() {
     let cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
+    let router = builder(&db)
         // Only the rounds this test runs: each one right after a single small record.
         .health_interval(Duration::from_secs(3600))
         .lag_time(Duration::from_millis(500), Duration::from_millis(100))
@@ -110,10 +95,7 @@ async fn async_commit_cycles(router: &ReplicaRouter, cycles: u64, per_transactio
 async fn tokens_hold_under_asynchronous_commit_per_connection_and_per_transaction() {
     let cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
+    let router = builder(&db)
         .health_interval(Duration::from_millis(100))
         .build()
         .await
@@ -133,10 +115,7 @@ async fn tokens_hold_under_asynchronous_commit_per_connection_and_per_transactio
 async fn a_session_moves_forward_on_what_its_reads_saw_not_only_on_its_writes() {
     let cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
+    let router = builder(&db)
         .health_interval(Duration::from_millis(100))
         // Turns, so that reads alternate between the stale and the fresh replica.
         .policy(stanchion_replica_router::RoundRobin::default())

@@ -1,37 +1,16 @@
 //! The router against a real PostgreSQL primary with two streaming replicas (testkit).
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use stanchion_replica_router::{
-    Consistency, Fallback, ReplicaRouter, ReplicaRouterBuilder, Role, RouteError, SessionToken,
+    Consistency, Fallback, ReplicaRouter, Role, RouteError, SessionToken,
 };
-use stanchion_testkit::{Node, PostgresCluster, TestDatabase};
-
-fn builder(db: &TestDatabase) -> ReplicaRouterBuilder {
-    ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
-        .health_interval(Duration::from_millis(100))
-        .probe_timeout(Duration::from_millis(500))
-}
-
-async fn setup(cluster: &PostgresCluster) -> TestDatabase {
-    let db = cluster.create_database().unwrap();
-    cluster
-        .sql(
-            Node::Primary,
-            &db.name,
-            "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL); \
-             INSERT INTO counters SELECT g, 0 FROM generate_series(0, 15) g",
-        )
-        .unwrap();
-    cluster.wait_replayed(0, Duration::from_secs(10)).unwrap();
-    cluster.wait_replayed(1, Duration::from_secs(10)).unwrap();
-    db
-}
+use stanchion_testkit::{Node, PostgresCluster};
+use support::{builder, setup};
 
 /// Increments counter `id` on the primary and returns the new value and its token.
 async fn bump(router: &ReplicaRouter, id: i32) -> (i64, stanchion_replica_router::WriteToken) {

@@ -1,34 +1,12 @@
 //! Failovers: tokens across timelines and the fencing of an old primary, on real replication.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use stanchion_replica_router::{Consistency, ReplicaRouter, RouteError, WriteToken};
-use stanchion_testkit::{Node, PostgresCluster, TestDatabase};
-
-async fn setup(cluster: &PostgresCluster) -> TestDatabase {
-    let db = cluster.create_database().unwrap();
-    cluster
-        .sql(
-            Node::Primary,
-            &db.name,
-            "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL); \
-             INSERT INTO counters SELECT g, 0 FROM generate_series(0, 15) g",
-        )
-        .unwrap();
-    cluster.wait_replayed(0, Duration::from_secs(10)).unwrap();
-    cluster.wait_replayed(1, Duration::from_secs(10)).unwrap();
-    db
-}
-
-fn router_for(db: &TestDatabase) -> stanchion_replica_router::ReplicaRouterBuilder {
-    ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
-        .health_interval(Duration::from_millis(100))
-        .probe_timeout(Duration::from_millis(300))
-        .readmission(1, Duration::from_millis(100))
-}
+use stanchion_testkit::{Node, PostgresCluster};
+use support::{builder, setup};
 
 async fn wait_for_primary(router: &ReplicaRouter, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -46,7 +24,9 @@ async fn wait_for_primary(router: &ReplicaRouter, name: &str) {
 async fn a_replica_left_on_the_old_timeline_never_serves_a_token_of_the_new_one() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = router_for(&db)
+    let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
+        .readmission(1, Duration::from_millis(100))
         // Keep every replica admitted whatever its lag: only timelines keep token reads safe.
         .lag_bytes(u64::MAX, u64::MAX)
         .lag_time(Duration::from_secs(3600), Duration::from_secs(3600))
@@ -116,7 +96,12 @@ async fn a_replica_left_on_the_old_timeline_never_serves_a_token_of_the_new_one(
 async fn an_old_primary_back_without_a_rewind_is_never_taken_as_primary() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = router_for(&db).build().await.unwrap();
+    let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
+        .readmission(1, Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
     cluster.kill(Node::Primary).unwrap();
     cluster.promote(0).unwrap();
     wait_for_primary(&router, "r0").await;
@@ -154,7 +139,9 @@ async fn an_old_primary_back_without_a_rewind_is_never_taken_as_primary() {
 async fn a_token_from_the_future_fails_fast() {
     let cluster = PostgresCluster::shared().unwrap();
     let db = setup(cluster).await;
-    let router = router_for(&db)
+    let router = builder(&db)
+        .probe_timeout(Duration::from_millis(300))
+        .readmission(1, Duration::from_millis(100))
         .token_wait(
             Duration::from_secs(5),
             stanchion_replica_router::Fallback::Primary,

@@ -3,8 +3,8 @@
 //!
 //! Following tower's own middleware (`Timeout`, `LoadShed`), the services' error type is
 //! [`tower::BoxError`], the inner service's error converted with `Into`, so these layers stack
-//! with `tower::timeout`, `tower::retry`, `tower::load_shed` and tower-http's layers in any
-//! order. A refusal is a concrete error inside the box: [`Rejected`](crate::Rejected) from the
+//! with `tower::timeout`, `tower::retry` and `tower::load_shed` in any order (tower-http's
+//! layers pass errors through and take them like any service). A refusal is a concrete error inside the box: [`Rejected`](crate::Rejected) from the
 //! breaker, [`BulkheadFull`] from the bulkhead; find it with `downcast_ref`.
 //!
 //! # Readiness
