@@ -296,3 +296,48 @@ fn a_short_secret_is_refused_and_debug_shows_no_secret() {
     let key = HeaderKey::new("x-api-key", SECRET).unwrap();
     assert!(!format!("{key:?}").contains("sixteen"));
 }
+
+#[tokio::test]
+async fn setters_on_a_cloned_layer_take_effect_on_that_clone() {
+    let limiter = RateLimiter::builder(
+        LocalLimiter::<String>::new(Limits::single(Quota::per_second(1).unwrap())).unwrap(),
+        limits(),
+    )
+    .build()
+    .unwrap();
+    let base = RateLimitLayer::new(limiter, ClientIp::direct());
+    let _kept_alive = base.clone();
+    // Before, a setter on a layer whose configuration was shared with a clone did nothing.
+    let legacy = base.clone().legacy_headers(true);
+    let request = || {
+        let mut req = Request::builder().uri("/").body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(PeerAddr("198.51.100.7:1".parse().unwrap()));
+        req
+    };
+    let with_legacy = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(legacy);
+    let res = with_legacy.oneshot(request()).await.unwrap();
+    assert!(res.headers().contains_key("x-ratelimit-limit"), "{res:?}");
+    let plain = Router::new().route("/", get(|| async { "ok" })).layer(base);
+    let res = plain.oneshot(request()).await.unwrap();
+    assert!(!res.headers().contains_key("x-ratelimit-limit"), "{res:?}");
+    // The service hands its inner service out.
+    let svc = tower::Layer::layer(
+        &RateLimitLayer::new(
+            RateLimiter::builder(
+                LocalLimiter::<String>::new(Limits::single(Quota::per_second(1).unwrap())).unwrap(),
+                limits(),
+            )
+            .build()
+            .unwrap(),
+            ClientIp::direct(),
+        ),
+        tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::empty()))
+        }),
+    );
+    let _: &tower::util::ServiceFn<_> = svc.get_ref();
+    let _inner = svc.into_inner();
+}

@@ -33,9 +33,16 @@ pub enum MissingKey {
     Allow,
 }
 
-struct Config<S, Q, X> {
+/// What every clone of a layer and its services share.
+struct Shared<S, Q, X> {
     limiter: RateLimiter<S, Q>,
     extractor: X,
+}
+
+/// Settings of one layer value (copied into the services it makes), so that a setter on a
+/// clone of a layer changes that clone, never nothing.
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
     legacy_headers: bool,
     exempt_preflight: bool,
     missing_key: MissingKey,
@@ -58,13 +65,15 @@ struct Config<S, Q, X> {
 /// # Ok::<(), stanchion_ratelimit::BuildError>(())
 /// ```
 pub struct RateLimitLayer<S, Q, X> {
-    config: Arc<Config<S, Q, X>>,
+    shared: Arc<Shared<S, Q, X>>,
+    options: Options,
 }
 
 impl<S, Q, X> Clone for RateLimitLayer<S, Q, X> {
     fn clone(&self) -> Self {
         Self {
-            config: Arc::clone(&self.config),
+            shared: Arc::clone(&self.shared),
+            options: self.options,
         }
     }
 }
@@ -72,9 +81,9 @@ impl<S, Q, X> Clone for RateLimitLayer<S, Q, X> {
 impl<S, Q, X> fmt::Debug for RateLimitLayer<S, Q, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
-            .field("legacy_headers", &self.config.legacy_headers)
-            .field("exempt_preflight", &self.config.exempt_preflight)
-            .field("missing_key", &self.config.missing_key)
+            .field("legacy_headers", &self.options.legacy_headers)
+            .field("exempt_preflight", &self.options.exempt_preflight)
+            .field("missing_key", &self.options.missing_key)
             .finish_non_exhaustive()
     }
 }
@@ -83,46 +92,32 @@ impl<S, Q, X> RateLimitLayer<S, Q, X> {
     /// Limits under the key `extractor` finds.
     pub fn new(limiter: RateLimiter<S, Q>, extractor: X) -> Self {
         Self {
-            config: Arc::new(Config {
-                limiter,
-                extractor,
-                legacy_headers: false,
-                exempt_preflight: false,
-                missing_key: MissingKey::default(),
-            }),
+            shared: Arc::new(Shared { limiter, extractor }),
+            options: Options::default(),
         }
     }
 
-    fn map(self, f: impl FnOnce(&mut Config<S, Q, X>)) -> Self {
-        match Arc::try_unwrap(self.config) {
-            Ok(mut config) => {
-                f(&mut config);
-                Self {
-                    config: Arc::new(config),
-                }
-            }
-            Err(shared) => Self { config: shared },
-        }
-    }
-
-    /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` (default off). Set options
-    /// before cloning the layer.
+    /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` (default off). A setter changes
+    /// this layer value and the services it makes afterwards; clones made before keep theirs.
     #[must_use]
-    pub fn legacy_headers(self, on: bool) -> Self {
-        self.map(|c| c.legacy_headers = on)
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.options.legacy_headers = on;
+        self
     }
 
     /// Let CORS preflight requests (`OPTIONS` with `Access-Control-Request-Method`) through
     /// without counting them (default off).
     #[must_use]
-    pub fn exempt_cors_preflight(self, on: bool) -> Self {
-        self.map(|c| c.exempt_preflight = on)
+    pub fn exempt_cors_preflight(mut self, on: bool) -> Self {
+        self.options.exempt_preflight = on;
+        self
     }
 
     /// What to do when no key is found (default [`MissingKey::Reject`]).
     #[must_use]
-    pub fn missing_key(self, mode: MissingKey) -> Self {
-        self.map(|c| c.missing_key = mode)
+    pub fn missing_key(mut self, mode: MissingKey) -> Self {
+        self.options.missing_key = mode;
+        self
     }
 }
 
@@ -132,7 +127,8 @@ impl<Svc, S, Q, X> tower::Layer<Svc> for RateLimitLayer<S, Q, X> {
     fn layer(&self, inner: Svc) -> Self::Service {
         RateLimitService {
             inner,
-            config: Arc::clone(&self.config),
+            shared: Arc::clone(&self.shared),
+            options: self.options,
         }
     }
 }
@@ -140,14 +136,33 @@ impl<Svc, S, Q, X> tower::Layer<Svc> for RateLimitLayer<S, Q, X> {
 /// The service made by [`RateLimitLayer`].
 pub struct RateLimitService<Svc, S, Q, X> {
     inner: Svc,
-    config: Arc<Config<S, Q, X>>,
+    shared: Arc<Shared<S, Q, X>>,
+    options: Options,
+}
+
+impl<Svc, S, Q, X> RateLimitService<Svc, S, Q, X> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &Svc {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut Svc {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> Svc {
+        self.inner
+    }
 }
 
 impl<Svc: Clone, S, Q, X> Clone for RateLimitService<Svc, S, Q, X> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            config: Arc::clone(&self.config),
+            shared: Arc::clone(&self.shared),
+            options: self.options,
         }
     }
 }
@@ -187,8 +202,9 @@ where
         // The ready service handles this request; a fresh clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.config);
-        let preflight = config.exempt_preflight
+        let config = Arc::clone(&self.shared);
+        let options = self.options;
+        let preflight = options.exempt_preflight
             && req.method() == Method::OPTIONS
             && req.headers().contains_key("access-control-request-method");
         let key = if preflight {
@@ -201,7 +217,7 @@ where
                 return inner.call(req).await;
             }
             let Some(key) = key else {
-                return match config.missing_key {
+                return match options.missing_key {
                     MissingKey::Allow => inner.call(req).await,
                     MissingKey::Reject => Ok(status(StatusCode::BAD_REQUEST)),
                 };
@@ -222,11 +238,11 @@ where
                         HeaderValue::from(ceil_secs(wait)),
                     );
                 }
-                write_headers(res.headers_mut(), limits, &decision, config.legacy_headers);
+                write_headers(res.headers_mut(), limits, &decision, options.legacy_headers);
                 return Ok(res);
             }
             let mut res = inner.call(req).await?;
-            write_headers(res.headers_mut(), limits, &decision, config.legacy_headers);
+            write_headers(res.headers_mut(), limits, &decision, options.legacy_headers);
             Ok(res)
         })
     }
