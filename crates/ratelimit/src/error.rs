@@ -56,12 +56,22 @@ pub enum StoreError {
     /// program writing the key): reported, never unwrapped.
     #[error("unexpected reply from the rate-limit store: {0}")]
     Protocol(String),
+    /// The store answered, but this key's entry holds a value of another type (another program
+    /// wrote it): this check fails, the store and every other key are fine.
+    #[error("the rate-limit entry of this key holds a value of another type")]
+    KeyHoldsOtherType,
 }
 
 impl StoreError {
     /// Whether the store was too slow.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::Timeout(_))
+    }
+
+    /// Whether the error concerns one key only (the store itself answered): the limiter decides
+    /// that key by its failure mode without marking the store down.
+    pub fn is_key_error(&self) -> bool {
+        matches!(self, Self::KeyHoldsOtherType)
     }
 }
 

@@ -311,6 +311,17 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
         } else {
             match tokio::time::timeout(inner.timeout, inner.store.check(key, limits, cost)).await {
                 Ok(Ok(decision)) => decision,
+                Ok(Err(e)) if e.is_key_error() => {
+                    // One bad entry, not a bad store: only this key falls back.
+                    tracing::warn!(
+                        error = %e,
+                        ratelimit.failure_mode = ?inner.failure_mode,
+                        "rate-limit entry unusable; deciding this key without the store"
+                    );
+                    #[cfg(feature = "metrics")]
+                    metrics::counter!("ratelimit.key_errors").increment(1);
+                    self.fallback(key, limits, cost, None)
+                }
                 Ok(Err(e)) => self.fallback(key, limits, cost, Some(e)),
                 Err(_) => {
                     self.fallback(key, limits, cost, Some(StoreError::Timeout(inner.timeout)))

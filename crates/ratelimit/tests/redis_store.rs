@@ -610,3 +610,41 @@ async fn a_check_behind_a_small_call_is_not_held_back() {
         "warm-up, first, second"
     );
 }
+
+#[tokio::test]
+async fn a_key_of_another_type_fails_only_that_key_not_the_store() {
+    let server = RedisServer::shared().unwrap();
+    let conn = support::manager(&server.url()).await;
+    let store = RedisStore::new(conn.clone(), &support::prefix("wrongtype"));
+    let hash_key = store.redis_key("taken");
+    let limiter = RateLimiter::builder(store, Limits::single(Quota::per_second(5).unwrap()))
+        .timeout(Duration::from_secs(2))
+        .failure_mode(stanchion_ratelimit::FailureMode::Open)
+        .build()
+        .unwrap();
+    let mut c = conn.clone();
+    redis::cmd("HSET")
+        .arg(&hash_key)
+        .arg("f")
+        .arg("x")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let bad = limiter.check("taken", 1).await.unwrap();
+    assert_eq!(bad.source, Source::Fallback, "{bad:?}");
+    assert!(
+        !limiter.is_store_down(),
+        "one bad entry marked the whole store down"
+    );
+    for i in 0..20 {
+        let d = limiter.check(&format!("fine-{i}"), 1).await.unwrap();
+        assert_eq!(d.source, Source::Shared, "key {i}: {d:?}");
+    }
+    // The foreign value is left as it was.
+    let kind: String = redis::cmd("TYPE")
+        .arg(&hash_key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+}

@@ -488,11 +488,7 @@ fn parse(reply: &[i64; 4], limits: &Limits) -> Result<Decision, StoreError> {
         0 => Verdict::Allowed,
         1 => Verdict::Denied,
         2 => Verdict::Impossible,
-        3 => {
-            return Err(StoreError::Protocol(
-                "the rate-limit key holds a value of another type".into(),
-            ));
-        }
+        3 => return Err(StoreError::KeyHoldsOtherType),
         other => return Err(StoreError::Protocol(format!("unknown verdict {other}"))),
     };
     let quota = usize::try_from(quota)
