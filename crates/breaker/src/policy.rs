@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, AtomicU64};
 use std::time::Duration;
 
@@ -539,8 +539,6 @@ pub struct TimeWindow {
     /// `stripes.len() - 1` (a power of two minus one).
     mask: usize,
     head: AtomicU64,
-    /// `head % len`, so that a call in the current second needs no division.
-    head_slot: AtomicU64,
     /// [`AGED`]: calls aged out since the last judgement, so the rates may have risen;
     /// [`BELOW_MINIMUM`]: the last judgement saw fewer calls than the minimum. Either makes the
     /// next fast success judged too. Read by every call, written rarely.
@@ -610,9 +608,7 @@ impl TimeWindow {
                     .fetch_sub(bucket.slow.swap(0, Relaxed), Relaxed);
             }
         }
-        self.head_slot.store(second % self.len, Relaxed);
-        // Release: a caller that sees the new head sees its slot.
-        self.head.store(second, Release);
+        self.head.store(second, Relaxed);
         if dropped != 0 {
             self.flags.fetch_or(AGED, Relaxed);
         }
@@ -680,7 +676,6 @@ impl WindowBuilder<TimeWindow> {
             len: self.size,
             mask: stripes - 1,
             head: AtomicU64::new(0),
-            head_slot: AtomicU64::new(0),
             flags: AtomicU8::new(BELOW_MINIMUM),
             stripes: (0..stripes)
                 .map(|_| {
@@ -699,20 +694,19 @@ impl FailurePolicy for TimeWindow {
     #[inline]
     fn record(&self, record: &Record) -> bool {
         let second = record.now_nanos / 1_000_000_000;
-        let mut head = self.head.load(Acquire);
+        let mut head = self.head.load(Relaxed);
         if second > head {
             self.advance(second);
-            head = self.head.load(Acquire);
+            head = self.head.load(Relaxed);
         }
         // A call that finished in a second already aged out (a very late thread) counts now.
-        let slot = if second >= head || second + self.len <= head {
-            // The current second.
-            self.head_slot.load(Relaxed)
+        let second = if second + self.len <= head {
+            head
         } else {
-            second % self.len
+            second.min(head)
         };
         let stripe = &self.stripes[thread_stripe() & self.mask].0;
-        let bucket = &stripe.buckets[(slot as usize).min(stripe.buckets.len() - 1)];
+        let bucket = &stripe.buckets[(second % self.len) as usize];
         let slow = record.elapsed_nanos >= self.rates.slow_nanos;
         bucket.calls.fetch_add(1, Relaxed);
         stripe.totals.calls.fetch_add(1, Relaxed);
