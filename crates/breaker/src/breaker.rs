@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::classify::{Classifier, DefaultClassifier, Outcome};
 use crate::clock::{Clock, CoarseClock, nanos};
-use crate::error::{BreakerError, BuildError, Rejected};
+use crate::error::{BreakerError, BuildError, Rejected, percent};
 use crate::policy::{CountWindow, FailurePolicy, Record, WindowCounts};
 
 /// The state of a breaker.
@@ -257,7 +257,7 @@ pub struct CircuitBreakerBuilder<P = CountWindow, C = CoarseClock> {
     clock: C,
     open_wait: OpenWait,
     half_open_calls: u32,
-    half_open_failure_bp: Option<u32>,
+    half_open_failure_rate: Option<f64>,
     automatic_half_open: bool,
     on_event: Option<Arc<dyn OnEvent>>,
 }
@@ -270,7 +270,7 @@ impl<P: fmt::Debug, C: fmt::Debug> fmt::Debug for CircuitBreakerBuilder<P, C> {
             .field("clock", &self.clock)
             .field("open_wait", &self.open_wait)
             .field("half_open_calls", &self.half_open_calls)
-            .field("half_open_failure_bp", &self.half_open_failure_bp)
+            .field("half_open_failure_rate", &self.half_open_failure_rate)
             .field("automatic_half_open", &self.automatic_half_open)
             .finish_non_exhaustive()
     }
@@ -285,7 +285,7 @@ impl Default for CircuitBreakerBuilder {
             clock: CoarseClock::default(),
             open_wait: OpenWait::Fixed(Duration::from_secs(60)),
             half_open_calls: 10,
-            half_open_failure_bp: None,
+            half_open_failure_rate: None,
             automatic_half_open: false,
             on_event: None,
         }
@@ -307,7 +307,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
             clock: self.clock,
             open_wait: self.open_wait,
             half_open_calls: self.half_open_calls,
-            half_open_failure_bp: self.half_open_failure_bp,
+            half_open_failure_rate: self.half_open_failure_rate,
             automatic_half_open: self.automatic_half_open,
             on_event: self.on_event,
         }
@@ -321,7 +321,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
             clock,
             open_wait: self.open_wait,
             half_open_calls: self.half_open_calls,
-            half_open_failure_bp: self.half_open_failure_bp,
+            half_open_failure_rate: self.half_open_failure_rate,
             automatic_half_open: self.automatic_half_open,
             on_event: self.on_event,
         }
@@ -362,13 +362,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
     /// # Ok::<(), stanchion_breaker::BuildError>(())
     /// ```
     pub fn half_open_failure_rate(mut self, percent: f64) -> Self {
-        // Validated in `build`; NaN is kept so that it is rejected there.
-        self.half_open_failure_bp =
-            Some(if percent.is_nan() || percent <= 0.0 || percent > 100.0 {
-                u32::MAX
-            } else {
-                (percent * 100.0).round() as u32
-            });
+        self.half_open_failure_rate = Some(percent);
         self
     }
 
@@ -404,13 +398,10 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
                 self.half_open_calls,
             ));
         }
-        if self.half_open_failure_bp == Some(u32::MAX) {
-            return Err(BuildError::new(
-                "half_open_failure_rate",
-                "a percentage in (0, 100]",
-                "a value outside it",
-            ));
-        }
+        let half_open_failure_bp = self
+            .half_open_failure_rate
+            .map(|p| percent("half_open_failure_rate", p))
+            .transpose()?;
         let needs_clock = policy.needs_clock();
         #[cfg(feature = "metrics")]
         let counters = Counters::register(&self.name);
@@ -430,7 +421,7 @@ impl<P: FailurePolicy, C: Clock> CircuitBreakerBuilder<P, C> {
                 name: self.name,
                 open_wait: self.open_wait,
                 half_open_calls: self.half_open_calls,
-                half_open_failure_bp: self.half_open_failure_bp,
+                half_open_failure_bp,
                 automatic_half_open: self.automatic_half_open,
                 on_event: self.on_event,
                 #[cfg(feature = "metrics")]
