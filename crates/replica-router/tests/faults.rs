@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 
 use stanchion_replica_router::{Consistency, ReplicaRouter, RouteError};
 use stanchion_testkit::{Node, PostgresCluster};
-use support::{builder, setup};
+use support::setup;
+
+/// The shared router settings with a 300 ms probe timeout: faults are noticed sooner.
+fn builder(db: &stanchion_testkit::TestDatabase) -> stanchion_replica_router::ReplicaRouterBuilder {
+    support::builder(db).probe_timeout(Duration::from_millis(300))
+}
 
 async fn read_once(router: &ReplicaRouter) -> Result<i64, RouteError> {
     let mut conn = router.read(Consistency::Any).await?;
@@ -62,11 +67,7 @@ fn longest_gap(served: &[Instant], from: Instant) -> Duration {
 async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fast() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = builder(&db)
-        .probe_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
+    let router = builder(&db).build().await.unwrap();
     assert!(admitted(&router, "r0") && admitted(&router, "r1"));
 
     let start = Instant::now();
@@ -120,11 +121,7 @@ async fn reads_keep_flowing_to_replicas_when_the_primary_dies_and_writes_fail_fa
 async fn a_primary_that_stays_dead_keeps_writes_failing_fast_and_reads_served() {
     let mut cluster = PostgresCluster::start(2).unwrap();
     let db = setup(&cluster).await;
-    let router = builder(&db)
-        .probe_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
+    let router = builder(&db).build().await.unwrap();
     cluster.kill(Node::Primary).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Many health rounds later, nothing has changed for the caller.
@@ -148,7 +145,6 @@ async fn a_burst_of_failed_writes_starts_one_primary_search_at_a_time() {
     let db = setup(&cluster).await;
     // A long health interval: only the writes can notice the dead primary.
     let router = builder(&db)
-        .probe_timeout(Duration::from_millis(300))
         .health_interval(Duration::from_secs(3600))
         .build()
         .await
@@ -180,7 +176,6 @@ async fn a_saturated_replica_pool_is_not_ejected() {
     let cluster = PostgresCluster::shared().unwrap();
     let db = setup(cluster).await;
     let router = builder(&db)
-        .probe_timeout(Duration::from_millis(300))
         .pool_options(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
@@ -233,7 +228,6 @@ async fn a_hung_replica_costs_bounded_waits_and_is_ejected() {
     let db = setup(&cluster).await;
     let acquire_timeout = Duration::from_millis(300);
     let router = builder(&db)
-        .probe_timeout(Duration::from_millis(300))
         .pool_options(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
