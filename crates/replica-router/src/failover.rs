@@ -4,9 +4,30 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::error::{RouteError, is_connection_error};
+use crate::health::Probe;
 use crate::router::Inner;
 
 impl Inner {
+    /// Whether node `i`, answering as a primary, may be taken as one: not if it is on a timeline
+    /// older than the newest a primary was seen on (an old primary back without a rewind:
+    /// fenced). Otherwise its timeline becomes the newest known.
+    pub(crate) fn accept_primary(&self, i: usize, probe: &Probe) -> bool {
+        let newest = self.timeline.load(Ordering::Acquire);
+        if probe.timeline.is_some_and(|t| t < newest) {
+            tracing::error!(
+                db.node = %self.nodes[i].name,
+                db.timeline = probe.timeline,
+                db.newest_timeline = newest,
+                "a node accepts writes on an old timeline (an old primary back without a rewind?): fenced, never taken as primary"
+            );
+            return false;
+        }
+        if let Some(t) = probe.timeline {
+            self.timeline.fetch_max(t, Ordering::AcqRel);
+        }
+        true
+    }
+
     /// The nodes on a timeline older than `timeline`, or on an unknown one, as a skip mask (none
     /// when `timeline` itself is unknown).
     pub(crate) fn older_than(&self, timeline: u32) -> u64 {
@@ -65,18 +86,8 @@ impl Inner {
         for i in order {
             match self.probe(i).await {
                 Ok(probe) if !probe.in_recovery => {
-                    let newest = self.timeline.load(Ordering::Acquire);
-                    if probe.timeline.is_some_and(|t| t < newest) {
-                        tracing::error!(
-                            db.node = %self.nodes[i].name,
-                            db.timeline = probe.timeline,
-                            db.newest_timeline = newest,
-                            "a node accepts writes on an old timeline (an old primary back without a rewind?): fenced, never taken as primary"
-                        );
+                    if !self.accept_primary(i, &probe) {
                         continue;
-                    }
-                    if let Some(t) = probe.timeline {
-                        self.timeline.fetch_max(t, Ordering::AcqRel);
                     }
                     self.primary_up.store(true, Ordering::Release);
                     if i == current {

@@ -175,25 +175,8 @@ impl Inner {
         while let Some(Ok((i, r))) = set.join_next().await {
             results[i] = Some(r);
         }
-        let newest = self.timeline.load(Ordering::Acquire);
         let primary_lsn = match &results[p] {
-            Some(Ok(probe)) if !probe.in_recovery => {
-                if probe.timeline.is_some_and(|t| t < newest) {
-                    tracing::error!(
-                        db.node = %self.nodes[p].name,
-                        db.role = "primary",
-                        db.timeline = probe.timeline,
-                        db.newest_timeline = newest,
-                        "the primary is on an old timeline (a failed-over primary back without a rewind?): fenced"
-                    );
-                    None
-                } else {
-                    if let Some(t) = probe.timeline {
-                        self.timeline.fetch_max(t, Ordering::AcqRel);
-                    }
-                    probe.lsn
-                }
-            }
+            Some(Ok(probe)) if !probe.in_recovery && self.accept_primary(p, probe) => probe.lsn,
             _ => None,
         };
         if primary_lsn.is_none() {
