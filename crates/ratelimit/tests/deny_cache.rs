@@ -98,13 +98,39 @@ async fn a_cheaper_request_and_a_peek_go_to_the_store() {
     );
 }
 
+/// Whether two decisions taken a moment apart may differ only because a token was emitted
+/// between the two reads: the same quota, and one of them within `MARGIN` of the moment its
+/// count changes (a multiple of that quota's emission interval `emission[quota]` before
+/// `reset_after`), or a denial that ends within `MARGIN`.
+fn straddles_an_emission(a: &Decision, b: &Decision, emission: &[Duration]) -> bool {
+    const MARGIN: Duration = Duration::from_millis(15);
+    if (a.quota, a.limit) != (b.quota, b.limit) {
+        return false;
+    }
+    let Some(&t) = emission.get(a.quota) else {
+        return false;
+    };
+    let near_boundary = |d: &Decision| {
+        let into = Duration::from_nanos((d.reset_after.as_nanos() % t.as_nanos()) as u64);
+        into <= MARGIN || t - into <= MARGIN
+    };
+    let ends_soon = |d: &Decision| d.retry_after.is_some_and(|r| r <= MARGIN);
+    if a.verdict != b.verdict {
+        return ends_soon(a) || ends_soon(b);
+    }
+    a.remaining.abs_diff(b.remaining) == 1 && (near_boundary(a) || near_boundary(b))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_decision_with_the_deny_cache_equals_the_store_alone() {
     let server = RedisServer::shared().unwrap();
+    let burst = Quota::per_second(20).unwrap().burst(4).unwrap();
+    let slow = Quota::new(6, Duration::from_secs(2)).unwrap();
+    let emission = [burst.emission_interval(), slow.emission_interval()];
     let limits = Limits::new()
-        .with("burst", Quota::per_second(20).unwrap().burst(4).unwrap())
+        .with("burst", burst)
         .unwrap()
-        .with("slow", Quota::new(6, Duration::from_secs(2)).unwrap())
+        .with("slow", slow)
         .unwrap();
     let (cached, store) = pair(server, limits).await;
     // A fixed pseudo-random schedule of costs and pauses (xorshift), the same for both.
@@ -115,18 +141,36 @@ async fn every_decision_with_the_deny_cache_equals_the_store_alone() {
         x ^= x << 17;
         x
     };
-    let mut from_cache = 0;
+    let (mut from_cache, mut at_a_boundary) = (0, 0);
     for step in 0..300 {
         let key = if next() % 3 == 0 { "a" } else { "b" };
         let cost = (next() % 4) as u32; // 0 (a peek) to 3
         let c = cached.check(key, cost).await.unwrap();
         let s = store.check(key, cost).await.unwrap();
-        assert_same(&c, &s, &format!("step {step}, key {key}, cost {cost}"));
         from_cache += usize::from(c.source == Source::DenyCache);
+        let same = (c.verdict, c.quota, c.limit, c.remaining)
+            == (s.verdict, s.quota, s.limit, s.remaining);
+        if !same && straddles_an_emission(&c, &s, &emission) {
+            // The two limiters read the time a moment apart and a token was emitted in
+            // between: not a difference the cache made. If one admitted what the other
+            // denied, their states differ from here on; let both refill completely.
+            at_a_boundary += 1;
+            if c.verdict != s.verdict {
+                let full = c.reset_after.max(s.reset_after) + Duration::from_millis(50);
+                tokio::time::sleep(full).await;
+            }
+            continue;
+        }
+        assert_same(&c, &s, &format!("step {step}, key {key}, cost {cost}"));
         if next() % 4 == 0 {
             tokio::time::sleep(Duration::from_millis(next() % 120)).await;
         }
     }
-    eprintln!("300 decisions equal to the store's, {from_cache} of them from the deny cache");
+    eprintln!(
+        "300 decisions: {from_cache} from the deny cache, {at_a_boundary} read across an emission"
+    );
     assert!(from_cache > 20, "the cache answered {from_cache}");
+    // A boundary is a few milliseconds in every 50 or 333: if many decisions "straddle" one,
+    // the tolerance is hiding real differences.
+    assert!(at_a_boundary <= 10, "{at_a_boundary} decisions differed");
 }
