@@ -400,7 +400,10 @@ where
         };
         let inner = Arc::new(Inner {
             #[cfg(feature = "metrics")]
-            labels: vec![metrics::Label::new("cache.namespace", self.namespace.clone())],
+            labels: vec![metrics::Label::new(
+                "cache.namespace",
+                self.namespace.clone(),
+            )],
             namespace: self.namespace,
             prefix: self.prefix,
             store: self.store,
@@ -535,7 +538,9 @@ where
         }
         let epoch = inner.epoch(key);
         let skey = inner.store_key(key).await?;
-        let got = inner.l2(inner.store.get_many(std::slice::from_ref(&skey))).await?;
+        let got = inner
+            .l2(inner.store.get_many(std::slice::from_ref(&skey)))
+            .await?;
         let raw = got.into_iter().next().flatten();
         match raw.and_then(|bytes| inner.decode_entry(&skey, &bytes, now)) {
             Some(e) if now < e.times.expires_at => {
@@ -670,7 +675,10 @@ where
     /// [`CacheError::Store`] when some key misses L1 and L2 fails.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>, CacheError> {
         let (found, _) = self.inner.lookup_many(keys, true).await?;
-        Ok(found.into_iter().map(|f| f.and_then(|e| e.value.clone())).collect())
+        Ok(found
+            .into_iter()
+            .map(|f| f.and_then(|e| e.value.clone()))
+            .collect())
     }
 
     /// Values of `keys`, in order, with one `loader` call for every key that missed both tiers.
@@ -706,9 +714,10 @@ where
     {
         let inner = &self.inner;
         let epoch_before: Vec<u64> = keys.iter().map(|k| inner.epoch(k)).collect();
-        let (found, expects) = inner.lookup_many(keys, false).await.unwrap_or_else(|_| {
-            (vec![None; keys.len()], vec![None; keys.len()])
-        });
+        let (found, expects) = inner
+            .lookup_many(keys, false)
+            .await
+            .unwrap_or_else(|_| (vec![None; keys.len()], vec![None; keys.len()]));
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
         let mut out: Vec<Option<V>> = found
             .iter()
@@ -721,7 +730,10 @@ where
         count!(inner, loads);
         let started = Instant::now();
         let loaded = AssertUnwindSafe(loader(ask)).catch_unwind().await;
-        add(&inner.stats.load_micros, started.elapsed().as_micros() as u64);
+        add(
+            &inner.stats.load_micros,
+            started.elapsed().as_micros() as u64,
+        );
         let mut loaded = match loaded {
             Ok(Ok(map)) => map,
             Ok(Err(e)) => {
@@ -738,7 +750,15 @@ where
             let value = loaded.remove(&keys[i]);
             let expect = expects[i].unwrap_or(Expect::Absent);
             inner
-                .store_loaded(&keys[i], value.clone(), load_ms, expect, true, epoch_before[i], started)
+                .store_loaded(
+                    &keys[i],
+                    value.clone(),
+                    load_ms,
+                    expect,
+                    true,
+                    epoch_before[i],
+                    started,
+                )
                 .await;
             out[i] = value;
         }
@@ -1133,9 +1153,8 @@ where
         let now = self.clock.now_ms();
         let mut found: Vec<Option<Arc<L1Entry<V>>>> = Vec::with_capacity(keys.len());
         let mut expects = vec![None; keys.len()];
-        let usable = |e: &L1Entry<V>| {
-            now < e.times.expires_at && (stale_ok || now < e.times.fresh_until)
-        };
+        let usable =
+            |e: &L1Entry<V>| now < e.times.expires_at && (stale_ok || now < e.times.fresh_until);
         for k in keys {
             match self.l1_get(k).filter(|e| usable(e)) {
                 Some(e) => {
@@ -1236,7 +1255,11 @@ where
             skey = Some(k);
         }
         if let (Some(lease), Some(k), true) = (self.lease, skey.as_ref(), found.l2_ok) {
-            return (self.lead_with_lease(key, k, lease, loader, found, epoch).await, None);
+            return (
+                self.lead_with_lease(key, k, lease, loader, found, epoch)
+                    .await,
+                None,
+            );
         }
         (self.load_and_store(key, loader, found, epoch).await, None)
     }
@@ -1342,12 +1365,23 @@ where
         let result = AssertUnwindSafe(async move { loader().await })
             .catch_unwind()
             .await;
-        add(&self.stats.load_micros, started.elapsed().as_micros() as u64);
+        add(
+            &self.stats.load_micros,
+            started.elapsed().as_micros() as u64,
+        );
         let error = match result {
             Ok(Ok(value)) => {
                 let load_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-                self.store_loaded(key, value.clone(), load_ms, found.expect, found.l2_ok, epoch, started)
-                    .await;
+                self.store_loaded(
+                    key,
+                    value.clone(),
+                    load_ms,
+                    found.expect,
+                    found.l2_ok,
+                    epoch,
+                    started,
+                )
+                .await;
                 return Ok(value);
             }
             Ok(Err(e)) => CacheError::Load(Arc::new(e)),

@@ -71,7 +71,11 @@ impl MemoryCacheStore {
     }
 
     fn live<'a>(state: &'a mut State, key: &str, now: Instant) -> Option<&'a Vec<u8>> {
-        if state.values.get(key).is_some_and(|(_, until)| *until <= now) {
+        if state
+            .values
+            .get(key)
+            .is_some_and(|(_, until)| *until <= now)
+        {
             state.values.remove(key);
         }
         state.values.get(key).map(|(v, _)| v)

@@ -224,7 +224,10 @@ impl PolicyBuilder {
         let p = self.policy;
         let within = |field: &'static str, d: Duration| {
             if d > MAX_TTL {
-                Err(BuildError::new(field, format!("at most {MAX_TTL:?}, got {d:?}")))
+                Err(BuildError::new(
+                    field,
+                    format!("at most {MAX_TTL:?}, got {d:?}"),
+                ))
             } else {
                 Ok(())
             }
@@ -292,7 +295,10 @@ mod tests {
             (Policy::builder(s(1)).early_refresh(0.0), "early_refresh"),
             (Policy::builder(MAX_TTL + s(1)), "ttl"),
             (Policy::builder(s(1)).max_stale(Duration::MAX), "max_stale"),
-            (Policy::builder(s(1)).negative_ttl(Duration::MAX), "negative_ttl"),
+            (
+                Policy::builder(s(1)).negative_ttl(Duration::MAX),
+                "negative_ttl",
+            ),
         ] {
             assert_eq!(b.build().unwrap_err().field, field);
         }

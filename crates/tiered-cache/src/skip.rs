@@ -78,7 +78,10 @@ impl SkipPolicy for ConsecutiveFailures {
         self.failures.store(0, Ordering::Release);
     }
     fn on_failure(&self) {
-        let n = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         if n >= self.threshold {
             let until = self
                 .now()
@@ -110,7 +113,10 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(s.allow());
         s.on_failure();
-        assert!(!s.allow(), "one more failure after the cool-down skips again");
+        assert!(
+            !s.allow(),
+            "one more failure after the cool-down skips again"
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         s.on_success();
         s.on_failure();

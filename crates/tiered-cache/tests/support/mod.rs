@@ -1,0 +1,73 @@
+//! Shared helpers for the tests against real Redis servers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use stanchion_tiered_cache::{Policy, RedisCacheStore, TieredCache};
+
+pub type Store = RedisCacheStore<redis::aio::ConnectionManager>;
+pub type Cache<V> = TieredCache<u64, V, Store>;
+
+/// A key prefix unique to this test run and call site.
+pub fn prefix(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}:{}:{}:",
+        std::process::id(),
+        test,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A connection manager that gives up quickly, as a cache's should.
+pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).unwrap();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(200)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(0);
+    redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .unwrap()
+}
+
+/// A Redis store with its bus, for one instance.
+pub async fn store(url: &str, prefix: &str) -> Store {
+    RedisCacheStore::new(
+        manager(url).await,
+        Some(redis::Client::open(url).unwrap()),
+        prefix,
+    )
+}
+
+pub fn hour() -> Policy {
+    Policy::builder(Duration::from_secs(3600)).build().unwrap()
+}
+
+/// A loader that counts its calls, waits `delay`, and returns `value`.
+pub fn counting(
+    calls: &Arc<AtomicUsize>,
+    delay: Duration,
+    value: &str,
+) -> impl FnOnce() -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<String>, std::io::Error>> + Send>,
+> + Send
++ 'static {
+    let calls = Arc::clone(calls);
+    let value = value.to_owned();
+    move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            Ok(Some(value))
+        })
+    }
+}
+
+/// Loads for `get_or_load_many`: each id maps to "v{id}".
+pub async fn batch(ids: Vec<u64>) -> Result<HashMap<u64, String>, std::io::Error> {
+    Ok(ids.into_iter().map(|id| (id, format!("v{id}"))).collect())
+}
