@@ -479,7 +479,9 @@ where
                 inner.bus_up.send_replace(true);
             }
             BusEvent::Lost => {
-                inner.clear_l1();
+                // Keep serving L1 (clearing it now would send every read to the loader just
+                // when Redis is down); copies are bounded by the L1 TTL and are cleared when
+                // the bus is back, since messages sent meanwhile were missed.
                 inner.bus_up.send_replace(false);
             }
             BusEvent::Message(bytes) => {
@@ -1337,7 +1339,11 @@ where
                 }
                 self.load_and_store(key, loader, found, epoch).await
             }
-            Err(_) => self.load_and_store(key, loader, found, epoch).await,
+            Err(_) => {
+                // L2 just failed: do not spend another timeout writing back.
+                found.l2_ok = false;
+                self.load_and_store(key, loader, found, epoch).await
+            }
         }
     }
 
