@@ -57,19 +57,19 @@ struct Flight<V> {
 
 /// Removes its flight when dropped: if the leader is cancelled or panics before finishing,
 /// the followers see the channel close and retry (one of them leads).
-struct FlightGuard<'a, K: Hash + Eq, V> {
-    flights: &'a Mutex<HashMap<K, Arc<Flight<V>>>>,
+struct FlightGuard<K: Hash + Eq, V> {
+    flights: Arc<Flights<K, V>>,
     key: K,
     flight: Arc<Flight<V>>,
 }
 
-impl<K: Hash + Eq, V> FlightGuard<'_, K, V> {
+impl<K: Hash + Eq, V> FlightGuard<K, V> {
     fn finish(self, outcome: Shared<V>) {
         self.flight.done.send_replace(Some(outcome));
     }
 }
 
-impl<K: Hash + Eq, V> Drop for FlightGuard<'_, K, V> {
+impl<K: Hash + Eq, V> Drop for FlightGuard<K, V> {
     fn drop(&mut self) {
         let mut map = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         if map
@@ -80,6 +80,8 @@ impl<K: Hash + Eq, V> Drop for FlightGuard<'_, K, V> {
         }
     }
 }
+
+type Flights<K, V> = Mutex<HashMap<K, Arc<Flight<V>>>>;
 
 /// A caller waiting for another instance's load of an L2 key.
 #[derive(Debug, Default)]
@@ -108,7 +110,7 @@ struct Inner<K, V, S, C> {
     lease: Option<Lease>,
     max_value_bytes: usize,
     compress_above: Option<usize>,
-    flights: Mutex<HashMap<K, Arc<Flight<V>>>>,
+    flights: Arc<Flights<K, V>>,
     waiters: Mutex<HashMap<String, Arc<Waiter>>>,
     refreshes: Arc<Semaphore>,
     epochs: [AtomicU64; STRIPES],
@@ -416,7 +418,7 @@ where
             lease: self.lease,
             max_value_bytes: self.max_value_bytes,
             compress_above: self.compress_above,
-            flights: Mutex::default(),
+            flights: Arc::default(),
             waiters: Mutex::default(),
             refreshes: Arc::new(Semaphore::new(self.max_refreshes)),
             epochs: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -498,8 +500,8 @@ where
     }
 }
 
-enum Role<'a, K: Hash + Eq, V> {
-    Leader(FlightGuard<'a, K, V>),
+enum Role<K: Hash + Eq, V> {
+    Leader(FlightGuard<K, V>),
     Follower(watch::Receiver<Option<Shared<V>>>),
 }
 
@@ -657,13 +659,14 @@ where
         let Ok(permit) = Arc::clone(&inner.refreshes).try_acquire_owned() else {
             return;
         };
+        // Registered before spawning: callers arriving meanwhile start no second refresh.
+        let Role::Leader(guard) = inner.join(key) else {
+            return; // a load of this key is already running
+        };
         let key = key.clone();
+        count!(inner, refreshes);
         tokio::spawn(async move {
             let _permit = permit;
-            let Role::Leader(guard) = inner.join(&key) else {
-                return; // a load of this key is already running
-            };
-            count!(inner, refreshes);
             let fallback = inner.l1_get(&key);
             let (outcome, _) = inner.lead(&key, loader, fallback, true).await;
             guard.finish(outcome);
@@ -1046,7 +1049,7 @@ where
         }
     }
 
-    fn join(&self, key: &K) -> Role<'_, K, V> {
+    fn join(&self, key: &K) -> Role<K, V> {
         let mut map = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(f) = map.get(key) {
             return Role::Follower(f.done.subscribe());
@@ -1056,7 +1059,7 @@ where
         });
         map.insert(key.clone(), Arc::clone(&flight));
         Role::Leader(FlightGuard {
-            flights: &self.flights,
+            flights: Arc::clone(&self.flights),
             key: key.clone(),
             flight,
         })
@@ -1185,7 +1188,7 @@ where
                 expects[i] = Some(Expect::Absent);
                 continue;
             };
-            let stamp = entry::stamp_of(&bytes).unwrap_or(0);
+            let stamp = entry::stamp_of(&bytes);
             expects[i] = Some(Expect::Stamp(stamp));
             match self.decode_entry(&skeys[n], &bytes, now) {
                 Some(e) if usable(&e) => {
@@ -1230,7 +1233,7 @@ where
                 Ok(mut v) => {
                     found.l2_ok = true;
                     if let Some(bytes) = v.pop().flatten() {
-                        found.expect = Expect::Stamp(entry::stamp_of(&bytes).unwrap_or(0));
+                        found.expect = Expect::Stamp(entry::stamp_of(&bytes));
                         if let Some(e) = self.decode_entry(&k, &bytes, now) {
                             let fresh = now < e.times.fresh_until;
                             if now < e.times.expires_at && (fresh || !refresh) {
@@ -1313,7 +1316,7 @@ where
                     if let Ok(mut v) = self.l2(self.store.get_many(&[skey.to_owned()])).await
                         && let Some(bytes) = v.pop().flatten()
                     {
-                        found.expect = Expect::Stamp(entry::stamp_of(&bytes).unwrap_or(0));
+                        found.expect = Expect::Stamp(entry::stamp_of(&bytes));
                         if let Some(e) = self.decode_entry(skey, &bytes, now)
                             && now < e.times.expires_at
                         {

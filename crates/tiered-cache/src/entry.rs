@@ -75,12 +75,15 @@ pub(crate) fn encode(
     out
 }
 
-/// The stamp of an encoded entry, if it has a header.
-pub(crate) fn stamp_of(bytes: &[u8]) -> Option<u64> {
-    bytes
-        .get(3..11)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
+/// The stamp of stored bytes: bytes 3 to 11, zero-padded when the value is shorter (a corrupt
+/// value then still has a stamp, and a write-back can replace exactly it). The Redis script
+/// reads it the same way.
+pub(crate) fn stamp_of(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let part = bytes.get(3..).unwrap_or_default();
+    let n = part.len().min(8);
+    b[..n].copy_from_slice(&part[..n]);
+    u64::from_le_bytes(b)
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Result<u64, CodecError> {
@@ -142,7 +145,7 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
     };
     Ok(Raw {
         kind,
-        stamp: stamp_of(bytes).unwrap_or(0),
+        stamp: stamp_of(bytes),
         times,
         payload,
     })

@@ -118,7 +118,7 @@ impl CacheStore for MemoryCacheStore {
         let ok = match expect {
             Expect::Any => true,
             Expect::Absent => current.is_none(),
-            Expect::Stamp(s) => current.and_then(|v| stamp_of(v)) == Some(s),
+            Expect::Stamp(s) => current.map(|v| stamp_of(v)) == Some(s),
         };
         if ok {
             self.put(&mut state, key.to_owned(), value, ttl_ms, now);

@@ -39,7 +39,7 @@ impl Tiers {
 /// ```
 /// use std::time::Duration;
 /// use stanchion_tiered_cache::Policy;
-/// let min = |m| Duration::from_secs(60 * m);
+/// let min = |m: u64| Duration::from_secs(60 * m);
 /// let product = Policy::builder(min(60)).soft_ttl(min(50)).l1_ttl(min(5)).build()?;
 /// let product_list = Policy::builder(min(5)).l1_ttl(Duration::from_secs(30)).build()?;
 /// let categories = Policy::builder(min(24 * 60)).max_stale(min(60)).build()?;

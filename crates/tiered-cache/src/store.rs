@@ -88,7 +88,8 @@ pub trait CacheStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, StoreError>> + Send;
 
     /// Writes `value` for `ttl_ms` if `expect` holds; says whether it wrote. For [`Expect::Stamp`]
-    /// the stamp is read from bytes 3 to 11 of the current value (the entry header).
+    /// the stamp is bytes 3 to 11 of the current value (the entry header), zero-padded
+    /// when the value is shorter.
     fn set(
         &self,
         key: &str,

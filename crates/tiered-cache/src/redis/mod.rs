@@ -20,7 +20,9 @@ local cur = redis.call('GET', KEYS[1])
 if ARGV[3] == 'absent' then
   if cur then return 0 end
 elseif ARGV[3] == 'stamp' then
-  if not cur or string.sub(cur, 4, 11) ~= ARGV[4] then return 0 end
+  if not cur then return 0 end
+  local stamp = string.sub(cur, 4, 11)
+  if stamp .. string.rep('\0', 8 - #stamp) ~= ARGV[4] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
