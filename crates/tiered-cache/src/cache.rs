@@ -83,6 +83,8 @@ impl<K: Hash + Eq, V> Drop for FlightGuard<K, V> {
 
 type Flights<K, V> = Mutex<HashMap<K, Arc<Flight<V>>>>;
 
+type Weigher<K, V> = Arc<dyn Fn(&K, &V) -> u32 + Send + Sync>;
+
 /// A caller waiting for another instance's load of an L2 key.
 #[derive(Debug, Default)]
 struct Waiter {
@@ -184,7 +186,7 @@ pub struct TieredCacheBuilder<K, V, S, C = Postcard> {
     codec: C,
     policy: Policy,
     l1_entries: Option<u64>,
-    l1_weigher: Option<(u64, Arc<dyn Fn(&K, &V) -> u32 + Send + Sync>)>,
+    l1_weigher: Option<(u64, Weigher<K, V>)>,
     clock: Arc<dyn Clock>,
     skip: Option<Arc<dyn SkipPolicy>>,
     l2_timeout: Duration,
@@ -1229,8 +1231,8 @@ where
             && let Ok(k) = self.store_key(key).await
         {
             let now = self.clock.now_ms();
-            match self.l2(self.store.get_many(std::slice::from_ref(&k))).await {
-                Ok(mut v) => {
+            if let Ok(mut v) = self.l2(self.store.get_many(std::slice::from_ref(&k))).await {
+                {
                     found.l2_ok = true;
                     if let Some(bytes) = v.pop().flatten() {
                         found.expect = Expect::Stamp(entry::stamp_of(&bytes));
@@ -1255,7 +1257,6 @@ where
                     }
                     count!(self, l2_misses);
                 }
-                Err(_) => {}
             }
             skey = Some(k);
         }

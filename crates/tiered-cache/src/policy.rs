@@ -303,4 +303,46 @@ mod tests {
             assert_eq!(b.build().unwrap_err().field, field);
         }
     }
+
+    proptest::proptest! {
+        /// Jitter only shortens: every TTL lands in [ttl x (1 - jitter), ttl], and the soft
+        /// deadline never passes the hard one.
+        #[test]
+        fn jitter_stays_within_its_bounds(
+            ttl_ms in 1u64..MAX_TTL.as_millis() as u64,
+            soft_pct in 1u64..=100,
+            jitter in 0.0f64..=0.5,
+            unit in 0.0f64..1.0,
+            now in 0u64..(1u64 << 50),
+        ) {
+            let ttl = Duration::from_millis(ttl_ms);
+            let soft = Duration::from_millis((ttl_ms * soft_pct / 100).max(1));
+            let p = Policy::builder(ttl).soft_ttl(soft).jitter(jitter).build().unwrap();
+            let t = p.times(now, 5, true, unit);
+            let hard = t.expires_at - now;
+            proptest::prop_assert!(hard <= ttl_ms);
+            proptest::prop_assert!(hard as f64 >= (ttl_ms as f64) * (1.0 - jitter) - 1.0);
+            proptest::prop_assert!(t.fresh_until <= t.expires_at);
+            proptest::prop_assert!(t.fresh_until - now <= soft.as_millis() as u64);
+        }
+
+        /// XFetch never refreshes before `fresh_until - load x beta x ln(1/unit)` and always
+        /// does at or after `fresh_until`; the lead grows with the load time.
+        #[test]
+        fn early_refresh_follows_xfetch(
+            load_ms in 1u32..10_000,
+            beta in 0.1f64..4.0,
+            unit in 0.0001f64..=1.0,
+            before in 0u64..100_000,
+        ) {
+            let p = Policy::builder(Duration::from_secs(3600)).early_refresh(beta).build().unwrap();
+            let t = Times { loaded_at: 0, fresh_until: 1_000_000, expires_at: 2_000_000, load_ms };
+            let now = t.fresh_until - before;
+            let lead = f64::from(load_ms) * beta * -unit.ln();
+            proptest::prop_assert_eq!(p.refresh_early(&t, now, unit), (before as f64) <= lead);
+            proptest::prop_assert!(p.refresh_early(&t, t.fresh_until, unit));
+            let off = Policy::builder(Duration::from_secs(3600)).build().unwrap();
+            proptest::prop_assert!(!off.refresh_early(&t, t.fresh_until, unit));
+        }
+    }
 }

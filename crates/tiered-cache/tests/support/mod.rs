@@ -47,15 +47,17 @@ pub fn hour() -> Policy {
     Policy::builder(Duration::from_secs(3600)).build().unwrap()
 }
 
+/// What the counting loader returns.
+pub type Loaded = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<String>, std::io::Error>> + Send>,
+>;
+
 /// A loader that counts its calls, waits `delay`, and returns `value`.
 pub fn counting(
     calls: &Arc<AtomicUsize>,
     delay: Duration,
     value: &str,
-) -> impl FnOnce() -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Option<String>, std::io::Error>> + Send>,
-> + Send
-+ 'static {
+) -> impl FnOnce() -> Loaded + Send + 'static {
     let calls = Arc::clone(calls);
     let value = value.to_owned();
     move || {

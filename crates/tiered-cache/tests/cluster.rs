@@ -1,0 +1,85 @@
+//! On a real Redis Cluster (three masters): reads, multi-key reads across slots, invalidation
+//! between instances and namespace generations.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use stanchion_testkit::RedisCluster;
+use stanchion_tiered_cache::{RedisCacheStore, TieredCache};
+use support::{batch, hour, prefix};
+
+type ClusterCache =
+    TieredCache<u64, String, RedisCacheStore<redis::cluster_async::ClusterConnection>>;
+
+async fn instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
+    let client = redis::cluster::ClusterClient::builder(cluster.urls())
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let conn = client.get_async_connection().await.unwrap();
+    // The bus subscribes on one node: Redis Cluster forwards PUBLISH to every node.
+    let subscriber = redis::Client::open(cluster.urls()[0].as_str()).unwrap();
+    let store = RedisCacheStore::new(conn, Some(subscriber), p);
+    let c = TieredCache::builder("product", store, hour())
+        .key_prefix(p)
+        .l2_timeout(Duration::from_millis(500))
+        .lease(Duration::from_secs(5), Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(c.wait_for_bus(Duration::from_secs(5)).await);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_writes_and_invalidations_work_across_slots() {
+    let cluster = RedisCluster::shared().unwrap();
+    let p = prefix("cluster");
+    let a = instance(cluster, &p).await;
+    let b = instance(cluster, &p).await;
+    // 200 keys spread over every node's slots.
+    let keys: Vec<u64> = (0..200).collect();
+    let loaded = a.get_or_load_many(&keys, batch).await.unwrap();
+    assert!(loaded.iter().all(Option::is_some));
+    // b has nothing in L1: one multi-slot read answers every key from Redis.
+    let got = b.get_many(&keys).await.unwrap();
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()));
+    }
+    assert_eq!(b.stats().l2_hits, 200, "{:?}", b.stats());
+    assert_eq!(b.stats().l2_errors, 0);
+    // Single-key loads with the lease.
+    let v = b
+        .get_or_load(&5000, || async {
+            Ok::<_, std::io::Error>(Some("lamp".to_string()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("lamp"));
+    assert_eq!(a.get(&5000).await.unwrap().as_deref(), Some("lamp"));
+    // An invalidation of keys on several nodes reaches the other instance's L1.
+    let some: Vec<u64> = (0..200).step_by(7).collect();
+    a.invalidate_many(&some).await.unwrap();
+    let started = Instant::now();
+    for k in &some {
+        while b.get(k).await.unwrap().is_some() {
+            assert!(started.elapsed() < Duration::from_secs(2), "key {k}");
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(
+        b.get(&1).await.unwrap().as_deref(),
+        Some("v1"),
+        "others untouched"
+    );
+    // A new generation hides every key on every node.
+    b.invalidate_all().await.unwrap();
+    let started = Instant::now();
+    while a.get(&1).await.unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::task::yield_now().await;
+    }
+    assert!(a.get_many(&keys).await.unwrap().iter().all(Option::is_none));
+}
