@@ -365,10 +365,9 @@ where
             return Err(BuildError::new("max_refreshes", "at least 1"));
         }
         let l1 = if self.policy.tiers().l1() {
-            let expiry = L1Expiry {
-                clock: Arc::clone(&self.clock),
-            };
-            let builder = moka::sync::Cache::builder().expire_after(expiry);
+            // moka drops copies after the L1 TTL (a fixed TTL keeps its read path as cheap as
+            // a plain cache's); each copy's own `l1_until` is checked on read.
+            let builder = moka::sync::Cache::builder().time_to_live(self.policy.l1_ttl());
             Some(match self.l1_weigher {
                 Some((max, weigher)) => {
                     if max == 0 {
@@ -434,32 +433,6 @@ where
         let subscription = inner.store.subscribe();
         runtime.spawn(listen(Arc::downgrade(&inner), subscription));
         Ok(TieredCache { inner })
-    }
-}
-
-/// Expires L1 copies at their `l1_until` on the cache's clock.
-struct L1Expiry {
-    clock: Arc<dyn Clock>,
-}
-
-impl<K, V> moka::Expiry<K, Arc<L1Entry<V>>> for L1Expiry {
-    fn expire_after_create(
-        &self,
-        _key: &K,
-        value: &Arc<L1Entry<V>>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        let left = value.l1_until.saturating_sub(self.clock.now_ms());
-        Some(Duration::from_millis(left))
-    }
-    fn expire_after_update(
-        &self,
-        key: &K,
-        value: &Arc<L1Entry<V>>,
-        updated_at: std::time::Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, value, updated_at)
     }
 }
 
@@ -532,7 +505,7 @@ where
     pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
         let inner = &self.inner;
         let now = inner.clock.now_ms();
-        if let Some(e) = inner.l1_get(key)
+        if let Some(e) = inner.l1_get(key, now)
             && now < e.times.expires_at
         {
             count!(inner, l1_hits);
@@ -542,6 +515,19 @@ where
         if !inner.policy.tiers().l2() {
             return Ok(None);
         }
+        Box::pin(inner.get_from_l2(key, now)).await
+    }
+}
+
+impl<K, V, S, C> Inner<K, V, S, C>
+where
+    K: Hash + Eq + Clone + fmt::Display + FromStr + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: CacheStore,
+    C: Codec<V>,
+{
+    async fn get_from_l2(&self, key: &K, now: u64) -> Result<Option<V>, CacheError> {
+        let inner = self;
         let epoch = inner.epoch(key);
         let skey = inner.store_key(key).await?;
         let got = inner
@@ -561,7 +547,15 @@ where
             }
         }
     }
+}
 
+impl<K, V, S, C> TieredCache<K, V, S, C>
+where
+    K: Hash + Eq + Clone + fmt::Display + FromStr + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: CacheStore,
+    C: Codec<V>,
+{
     /// The value of `key`, loading it with `loader` on a miss. `loader` returns `Ok(None)` for
     /// "no such value" (cached for the policy's `negative_ttl`).
     ///
@@ -592,54 +586,93 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
+        match self.l1_hit(key, loader) {
+            Ok(value) => Ok(value),
+            Err((loader, fallback)) => Box::pin(self.miss(key, loader, fallback)).await,
+        }
+    }
+
+    /// The hit path, synchronous: a usable L1 copy (starting a refresh if one is due), or the
+    /// loader back with the expired copy, if any.
+    #[allow(clippy::type_complexity)]
+    fn l1_hit<F, Fut, E>(
+        &self,
+        key: &K,
+        loader: F,
+    ) -> Result<Option<V>, (F, Option<Arc<L1Entry<V>>>)>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let inner = &self.inner;
-        let mut fallback = None;
-        let mut loader = Some(loader);
-        loop {
-            let now = inner.clock.now_ms();
-            if let Some(e) = inner.l1_get(key) {
-                if now < e.times.expires_at {
-                    count!(inner, l1_hits);
-                    let due = now >= e.times.fresh_until
-                        || inner
-                            .policy
-                            .refresh_early(&e.times, now, 1.0 - fastrand::f64());
-                    if due && let Some(l) = loader.take() {
-                        if now >= e.times.fresh_until {
-                            count!(inner, stale_served);
-                        }
-                        self.spawn_refresh(key, l);
-                    }
-                    return Ok(e.value.clone());
-                }
-                fallback = Some(e);
-            }
+        let now = inner.clock.now_ms();
+        let Some(e) = inner.l1_get(key, now) else {
             count!(inner, l1_misses);
-            let Some(l) = loader.take() else {
-                // Only reached after a refresh was handed the loader; cannot loop again.
-                return Ok(fallback.and_then(|e| e.value.clone()));
-            };
+            return Err((loader, None));
+        };
+        if now >= e.times.expires_at {
+            count!(inner, l1_misses);
+            return Err((loader, Some(e)));
+        }
+        count!(inner, l1_hits);
+        let stale = now >= e.times.fresh_until;
+        if stale
+            || inner
+                .policy
+                .refresh_early(&e.times, now, 1.0 - fastrand::f64())
+        {
+            if stale {
+                count!(inner, stale_served);
+            }
+            self.spawn_refresh(key, loader);
+        }
+        Ok(e.value.clone())
+    }
+
+    /// The miss path: wait for this process's load of `key`, or lead it.
+    async fn miss<F, Fut, E>(
+        &self,
+        key: &K,
+        loader: F,
+        mut fallback: Option<Arc<L1Entry<V>>>,
+    ) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let inner = &self.inner;
+        let mut loader = loader;
+        loop {
             match inner.join(key) {
                 Role::Follower(mut rx) => {
                     count!(inner, coalesced);
-                    loader = Some(l);
                     if let Ok(done) = rx.wait_for(Option::is_some).await
                         && let Some(outcome) = done.clone()
                     {
                         return outcome;
                     }
-                    // The leader was cancelled: try again (perhaps as the leader).
+                    // The leader was cancelled: look again, then try (perhaps as the leader).
+                    match self.l1_hit(key, loader) {
+                        Ok(value) => return Ok(value),
+                        Err((l, f)) => {
+                            loader = l;
+                            fallback = f.or(fallback);
+                        }
+                    }
                 }
                 Role::Leader(guard) => {
                     // Another leader may have filled L1 just before this one took over.
-                    if let Some(e) = inner.l1_get(key)
+                    let now = inner.clock.now_ms();
+                    if let Some(e) = inner.l1_get(key, now)
                         && now < e.times.fresh_until
                     {
                         let value = e.value.clone();
                         guard.finish(Ok(value.clone()));
                         return Ok(value);
                     }
-                    let (outcome, unused) = inner.lead(key, l, fallback.take(), false).await;
+                    let (outcome, unused) = inner.lead(key, loader, fallback.take(), false).await;
                     guard.finish(outcome.clone());
                     if let Some((l, true)) = unused {
                         self.spawn_refresh(key, l);
@@ -669,7 +702,7 @@ where
         count!(inner, refreshes);
         tokio::spawn(async move {
             let _permit = permit;
-            let fallback = inner.l1_get(&key);
+            let fallback = inner.l1_get(&key, inner.clock.now_ms());
             let (outcome, _) = inner.lead(&key, loader, fallback, true).await;
             guard.finish(outcome);
         });
@@ -1019,9 +1052,8 @@ where
             .cloned()
     }
 
-    fn l1_get(&self, key: &K) -> Option<Arc<L1Entry<V>>> {
+    fn l1_get(&self, key: &K, now: u64) -> Option<Arc<L1Entry<V>>> {
         let e = self.l1.as_ref()?.get(key)?;
-        let now = self.clock.now_ms();
         (e.generation == self.generation.load(Ordering::Acquire) && now < e.l1_until).then_some(e)
     }
 
@@ -1163,7 +1195,7 @@ where
         let usable =
             |e: &L1Entry<V>| now < e.times.expires_at && (stale_ok || now < e.times.fresh_until);
         for k in keys {
-            match self.l1_get(k).filter(|e| usable(e)) {
+            match self.l1_get(k, now).filter(|e| usable(e)) {
                 Some(e) => {
                     count!(self, l1_hits);
                     found.push(Some(e));
