@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
 use stanchion_testkit::RedisServer;
-use stanchion_tiered_cache::{MemoryCacheStore, Policy, RedisCacheStore, Tiers, TieredCache};
+use stanchion_tiered_cache::{MemoryCacheStore, Policy, RedisCacheStore, TieredCache, Tiers};
 use stats_alloc::{Region, StatsAlloc};
 
 #[global_allocator]
