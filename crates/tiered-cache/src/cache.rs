@@ -19,7 +19,7 @@ use crate::bus::{Body, MAX_KEYS_PER_MESSAGE, Message};
 use crate::clock::{Clock, SystemClock};
 use crate::codec::{Codec, Postcard};
 use crate::entry::{self, Kind, Times};
-use crate::error::{BuildError, CacheError, StoreError};
+use crate::error::{BuildError, CacheError, CodecError, StoreError};
 use crate::policy::Policy;
 use crate::skip::{ConsecutiveFailures, SkipPolicy};
 use crate::stats::{Counters, Stats, add, bump};
@@ -517,45 +517,7 @@ where
         }
         Box::pin(inner.get_from_l2(key, now)).await
     }
-}
 
-impl<K, V, S, C> Inner<K, V, S, C>
-where
-    K: Hash + Eq + Clone + fmt::Display + FromStr + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: CacheStore,
-    C: Codec<V>,
-{
-    async fn get_from_l2(&self, key: &K, now: u64) -> Result<Option<V>, CacheError> {
-        let inner = self;
-        let epoch = inner.epoch(key);
-        let skey = inner.store_key(key).await?;
-        let got = inner
-            .l2(inner.store.get_many(std::slice::from_ref(&skey)))
-            .await?;
-        let raw = got.into_iter().next().flatten();
-        match raw.and_then(|bytes| inner.decode_entry(&skey, &bytes, now)) {
-            Some(e) if now < e.times.expires_at => {
-                count!(inner, l2_hits);
-                let value = e.value.clone();
-                inner.l1_put(key, e, epoch);
-                Ok(value)
-            }
-            _ => {
-                count!(inner, l2_misses);
-                Ok(None)
-            }
-        }
-    }
-}
-
-impl<K, V, S, C> TieredCache<K, V, S, C>
-where
-    K: Hash + Eq + Clone + fmt::Display + FromStr + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    S: CacheStore,
-    C: Codec<V>,
-{
     /// The value of `key`, loading it with `loader` on a miss. `loader` returns `Ok(None)` for
     /// "no such value" (cached for the policy's `negative_ttl`).
     ///
@@ -674,7 +636,7 @@ where
                     }
                     let (outcome, unused) = inner.lead(key, loader, fallback.take(), false).await;
                     guard.finish(outcome.clone());
-                    if let Some((l, true)) = unused {
+                    if let Some(l) = unused {
                         self.spawn_refresh(key, l);
                     }
                     return outcome;
@@ -818,21 +780,17 @@ where
         let times = inner.policy.times(now, 0, true, fastrand::f64());
         let stamp = fastrand::u64(1..);
         let mut result = Ok(());
-        if inner.policy.tiers().l2() {
-            let payload = inner.codec.encode(&value)?;
-            let bytes = entry::encode(Kind::Value, stamp, times, &payload, inner.compress_above);
-            if bytes.len() > inner.max_value_bytes {
-                count!(inner, oversized);
-            } else {
-                let keep = inner.policy.l2_keep_ms(&times, now);
-                result = match inner.store_key(key).await {
-                    Ok(skey) => inner
-                        .l2(inner.store.set(&skey, bytes, keep, Expect::Any))
-                        .await
-                        .map(drop),
-                    Err(e) => Err(e),
-                };
-            }
+        if inner.policy.tiers().l2()
+            && let Some(bytes) = inner.entry_bytes(Some(&value), stamp, times)?
+        {
+            let keep = inner.policy.l2_keep_ms(&times, now);
+            result = match inner.store_key(key).await {
+                Ok(skey) => inner
+                    .l2(inner.store.set(&skey, bytes, keep, Expect::Any))
+                    .await
+                    .map(drop),
+                Err(e) => Err(e),
+            };
         }
         let entry = inner.l1_entry(Some(value), times, now);
         inner.l1_put(key, entry, inner.epoch(key));
@@ -1059,9 +1017,7 @@ where
 
     fn l1_entry(&self, value: Option<V>, times: Times, now: u64) -> Arc<L1Entry<V>> {
         let l1_ms = self.policy.l1_ttl().as_millis() as u64;
-        let keep = times
-            .expires_at
-            .saturating_add(self.policy.max_stale().as_millis() as u64);
+        let keep = self.policy.stale_until(&times);
         Arc::new(L1Entry {
             value,
             times,
@@ -1146,22 +1102,61 @@ where
     }
 
     async fn publish(&self, body: Body) -> Result<(), StoreError> {
-        let m = Message::new(self.instance, &self.namespace, body);
-        let sent = self.l2(self.store.publish(m.encode())).await;
+        let sent = self.publish_quiet(body).await;
         if sent.is_ok() {
             count!(self, invalidations_sent);
         }
         sent
     }
 
+    /// `get` past L1: one L2 read.
+    async fn get_from_l2(&self, key: &K, now: u64) -> Result<Option<V>, CacheError> {
+        let epoch = self.epoch(key);
+        let skey = self.store_key(key).await?;
+        match self.read_l2(&skey, now).await?.1 {
+            Some(e) if now < e.times.expires_at => {
+                count!(self, l2_hits);
+                let value = e.value.clone();
+                self.l1_put(key, e, epoch);
+                Ok(value)
+            }
+            _ => {
+                count!(self, l2_misses);
+                Ok(None)
+            }
+        }
+    }
+
+    /// One key from L2: see [`Inner::read`].
+    async fn read_l2(
+        &self,
+        skey: &str,
+        now: u64,
+    ) -> Result<(Expect, Option<Arc<L1Entry<V>>>), StoreError> {
+        let mut got = self.l2(self.store.get_many(&[skey.to_owned()])).await?;
+        Ok(self.read(got.pop().flatten(), now))
+    }
+
+    /// What L2 held for a key: the condition a write-back must meet (the key still absent,
+    /// or still holding the entry read here), and the entry if it is a readable value or
+    /// "not found".
+    fn read(&self, bytes: Option<Vec<u8>>, now: u64) -> (Expect, Option<Arc<L1Entry<V>>>) {
+        match bytes {
+            None => (Expect::Absent, None),
+            Some(b) => (
+                Expect::Stamp(entry::stamp_of(&b)),
+                self.decode_entry(&b, now),
+            ),
+        }
+    }
+
     /// Decodes an L2 entry; a corrupt one is counted and reported as a miss.
-    fn decode_entry(&self, skey: &str, bytes: &[u8], now: u64) -> Option<Arc<L1Entry<V>>> {
+    fn decode_entry(&self, bytes: &[u8], now: u64) -> Option<Arc<L1Entry<V>>> {
         let raw = match entry::decode(bytes, self.max_value_bytes) {
             Ok(raw) => raw,
             Err(e) => {
                 count!(self, corrupt);
                 tracing::warn!(error = %e, cache.namespace = %self.namespace, "corrupt L2 entry");
-                let _ = skey;
                 return None;
             }
         };
@@ -1217,14 +1212,9 @@ where
         }
         let values = self.l2(self.store.get_many(&skeys)).await?;
         for (n, (&i, bytes)) in missing.iter().zip(values).enumerate() {
-            let Some(bytes) = bytes else {
-                count!(self, l2_misses);
-                expects[i] = Some(Expect::Absent);
-                continue;
-            };
-            let stamp = entry::stamp_of(&bytes);
-            expects[i] = Some(Expect::Stamp(stamp));
-            match self.decode_entry(&skeys[n], &bytes, now) {
+            let (expect, entry) = self.read(bytes, now);
+            expects[i] = Some(expect);
+            match entry {
                 Some(e) if usable(&e) => {
                     count!(self, l2_hits);
                     self.l1_put(&keys[i], Arc::clone(&e), epochs[n]);
@@ -1237,16 +1227,15 @@ where
     }
 
     /// The leader's work for one key: L2, then (under a lease, if configured) the loader,
-    /// then the write-back. Returns the outcome, and the loader if it was not used together
-    /// with whether a refresh is due (the L2 value was stale).
-    #[allow(clippy::type_complexity)]
+    /// then the write-back. Returns the outcome, and the loader back when it was not used
+    /// and a refresh is due (the L2 value was stale).
     async fn lead<F, Fut, E>(
         &self,
         key: &K,
         loader: F,
         fallback: Option<Arc<L1Entry<V>>>,
         refresh: bool,
-    ) -> (Shared<V>, Option<(F, bool)>)
+    ) -> (Shared<V>, Option<F>)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -1263,32 +1252,28 @@ where
             && let Ok(k) = self.store_key(key).await
         {
             let now = self.clock.now_ms();
-            if let Ok(mut v) = self.l2(self.store.get_many(std::slice::from_ref(&k))).await {
-                {
-                    found.l2_ok = true;
-                    if let Some(bytes) = v.pop().flatten() {
-                        found.expect = Expect::Stamp(entry::stamp_of(&bytes));
-                        if let Some(e) = self.decode_entry(&k, &bytes, now) {
-                            let fresh = now < e.times.fresh_until;
-                            if now < e.times.expires_at && (fresh || !refresh) {
-                                count!(self, l2_hits);
-                                self.l1_put(key, Arc::clone(&e), epoch);
-                                if !fresh {
-                                    count!(self, stale_served);
-                                }
-                                return (Ok(e.value.clone()), Some((loader, !fresh)));
-                            }
-                            if found
-                                .fallback
-                                .as_ref()
-                                .is_none_or(|f| f.times.loaded_at < e.times.loaded_at)
-                            {
-                                found.fallback = Some(e);
-                            }
+            if let Ok((expect, entry)) = self.read_l2(&k, now).await {
+                found.l2_ok = true;
+                found.expect = expect;
+                if let Some(e) = entry {
+                    let fresh = now < e.times.fresh_until;
+                    if now < e.times.expires_at && (fresh || !refresh) {
+                        count!(self, l2_hits);
+                        self.l1_put(key, Arc::clone(&e), epoch);
+                        if !fresh {
+                            count!(self, stale_served);
                         }
+                        return (Ok(e.value.clone()), (!fresh).then_some(loader));
                     }
-                    count!(self, l2_misses);
+                    if found
+                        .fallback
+                        .as_ref()
+                        .is_none_or(|f| f.times.loaded_at < e.times.loaded_at)
+                    {
+                        found.fallback = Some(e);
+                    }
                 }
+                count!(self, l2_misses);
             }
             skey = Some(k);
         }
@@ -1346,11 +1331,9 @@ where
                 let woke = tokio::time::timeout(lease.wait, notified).await.is_ok();
                 if woke {
                     let now = self.clock.now_ms();
-                    if let Ok(mut v) = self.l2(self.store.get_many(&[skey.to_owned()])).await
-                        && let Some(bytes) = v.pop().flatten()
-                    {
-                        found.expect = Expect::Stamp(entry::stamp_of(&bytes));
-                        if let Some(e) = self.decode_entry(skey, &bytes, now)
+                    if let Ok((expect, entry)) = self.read_l2(skey, now).await {
+                        found.expect = expect;
+                        if let Some(e) = entry
                             && now < e.times.expires_at
                         {
                             count!(self, l2_hits);
@@ -1363,7 +1346,7 @@ where
                         // repeat the load on every instance.
                         let now = self.clock.now_ms();
                         return match found.fallback {
-                            Some(e) if now < self.stale_until(&e) => {
+                            Some(e) if now < self.policy.stale_until(&e.times) => {
                                 count!(self, stale_served);
                                 Ok(e.value.clone())
                             }
@@ -1432,20 +1415,13 @@ where
         count!(self, load_errors);
         let now = self.clock.now_ms();
         match found.fallback {
-            Some(e) if now < self.stale_until(&e) => {
+            Some(e) if now < self.policy.stale_until(&e.times) => {
                 count!(self, stale_served);
                 tracing::warn!(cache.namespace = %self.namespace, "loader failed; serving a stale value");
                 Ok(e.value.clone())
             }
             _ => Err(error),
         }
-    }
-
-    /// Until when an entry may be served because loading failed.
-    fn stale_until(&self, e: &L1Entry<V>) -> u64 {
-        e.times
-            .expires_at
-            .saturating_add(self.policy.max_stale().as_millis() as u64)
     }
 
     /// Writes a loaded value (or "not found") to L2 if nothing newer is there, and to L1 if
@@ -1475,7 +1451,13 @@ where
                 // An invalidation's tombstone may have come and gone during this load.
                 refused = true;
                 count!(self, stale_writes_refused);
-            } else if let Some(bytes) = self.entry_bytes(value.as_ref(), stamp, times) {
+            } else if let Some(bytes) = self
+                .entry_bytes(value.as_ref(), stamp, times)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, cache.namespace = %self.namespace, "value does not encode; not written to L2");
+                    None
+                })
+            {
                 let keep = self.policy.l2_keep_ms(&times, now);
                 if let Ok(skey) = self.store_key(key).await {
                     match self.l2(self.store.set(&skey, bytes, keep, expect)).await {
@@ -1495,24 +1477,26 @@ where
         }
     }
 
-    fn entry_bytes(&self, value: Option<&V>, stamp: u64, times: Times) -> Option<Vec<u8>> {
+    /// The L2 bytes of a value (or of "not found"); `None` when over `max_value_bytes`
+    /// (counted).
+    fn entry_bytes(
+        &self,
+        value: Option<&V>,
+        stamp: u64,
+        times: Times,
+    ) -> Result<Option<Vec<u8>>, CodecError> {
         let bytes = match value {
-            Some(v) => match self.codec.encode(v) {
-                Ok(payload) => {
-                    entry::encode(Kind::Value, stamp, times, &payload, self.compress_above)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, cache.namespace = %self.namespace, "value does not encode; not written to L2");
-                    return None;
-                }
-            },
+            Some(v) => {
+                let payload = self.codec.encode(v)?;
+                entry::encode(Kind::Value, stamp, times, &payload, self.compress_above)
+            }
             None => entry::encode(Kind::Absent, stamp, times, &[], None),
         };
         if bytes.len() > self.max_value_bytes {
             count!(self, oversized);
-            return None;
+            return Ok(None);
         }
-        Some(bytes)
+        Ok(Some(bytes))
     }
 }
 

@@ -17,6 +17,8 @@ struct State {
     values: HashMap<String, (Vec<u8>, Instant)>,
     counters: HashMap<String, u64>,
     leases: HashMap<String, (u64, Instant)>,
+    /// Entries left after the last sweep of expired ones.
+    swept_to: usize,
 }
 
 /// Entries, leases and the bus in this process. Clones share everything. Expired entries are
@@ -37,7 +39,6 @@ struct State {
 pub struct MemoryCacheStore {
     state: Arc<Mutex<State>>,
     bus: broadcast::Sender<BusEvent>,
-    cleaned_at: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for MemoryCacheStore {
@@ -52,7 +53,6 @@ impl MemoryCacheStore {
         Self {
             state: Arc::default(),
             bus: broadcast::channel(4096).0,
-            cleaned_at: Arc::default(),
         }
     }
 
@@ -81,16 +81,14 @@ impl MemoryCacheStore {
         state.values.get(key).map(|(v, _)| v)
     }
 
-    fn put(&self, state: &mut State, key: String, value: Vec<u8>, ttl_ms: u64, now: Instant) {
+    fn put(state: &mut State, key: String, value: Vec<u8>, ttl_ms: u64, now: Instant) {
         state
             .values
             .insert(key, (value, now + Duration::from_millis(ttl_ms.max(1))));
         let len = state.values.len();
-        let cleaned = self.cleaned_at.load(std::sync::atomic::Ordering::Relaxed);
-        if len > 1024 && len > cleaned.saturating_mul(2) {
+        if len > 1024 && len > state.swept_to.saturating_mul(2) {
             state.values.retain(|_, (_, until)| *until > now);
-            self.cleaned_at
-                .store(state.values.len(), std::sync::atomic::Ordering::Relaxed);
+            state.swept_to = state.values.len();
         }
     }
 }
@@ -121,7 +119,7 @@ impl CacheStore for MemoryCacheStore {
             Expect::Stamp(s) => current.map(|v| stamp_of(v)) == Some(s),
         };
         if ok {
-            self.put(&mut state, key.to_owned(), value, ttl_ms, now);
+            Self::put(&mut state, key.to_owned(), value, ttl_ms, now);
         }
         Ok(ok)
     }
@@ -130,7 +128,7 @@ impl CacheStore for MemoryCacheStore {
         let now = Instant::now();
         let mut state = self.lock();
         for (k, v, ttl) in entries {
-            self.put(&mut state, k, v, ttl, now);
+            Self::put(&mut state, k, v, ttl, now);
         }
         Ok(())
     }

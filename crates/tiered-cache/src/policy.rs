@@ -138,13 +138,17 @@ impl Policy {
         }
     }
 
-    /// How long L2 keeps an entry with these times, counted from `now`: until it can no
-    /// longer be served even as a fallback.
-    pub(crate) fn l2_keep_ms(&self, times: &Times, now: u64) -> u64 {
+    /// Until when an entry with these times may be served at all: when loading fails, up to
+    /// `max_stale` past its TTL. Both tiers keep it no longer.
+    pub(crate) fn stale_until(&self, times: &Times) -> u64 {
         times
             .expires_at
             .saturating_add(self.max_stale.as_millis() as u64)
-            .saturating_sub(now)
+    }
+
+    /// How long L2 keeps an entry with these times, counted from `now`.
+    pub(crate) fn l2_keep_ms(&self, times: &Times, now: u64) -> u64 {
+        self.stale_until(times).saturating_sub(now)
     }
 
     /// Whether XFetch asks for a refresh now (`unit` uniform in (0, 1]): the closer to the
