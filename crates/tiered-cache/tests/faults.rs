@@ -52,6 +52,23 @@ fn key_exists(server: &RedisServer, p: &str, id: u64) -> bool {
     n == 1
 }
 
+/// Loads new keys from `first` on until one of them is written to Redis (within 5 s: the skip
+/// cool-down, the connection's own reconnect); returns how long that took.
+async fn back_on_redis(server: &RedisServer, p: &str, c: &Cache<String>, first: u64) -> Duration {
+    let back = Instant::now();
+    let mut k = first;
+    while !key_exists(server, p, k - 1) {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "never went back to Redis"
+        );
+        read_all(c, k..k + 1).await;
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    back.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_then_restarted() {
     let mut server = RedisServer::start().unwrap();
@@ -87,20 +104,8 @@ async fn redis_killed_mid_load_then_restarted() {
         c.wait_for_bus(Duration::from_secs(5)).await,
         "the bus came back"
     );
-    // Within a few seconds (the skip cool-down, the connection's own reconnect), values
-    // loaded are written to Redis again.
-    let back = Instant::now();
-    let mut k = 300;
-    while !key_exists(&server, &p, k - 1) {
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "never went back to Redis"
-        );
-        read_all(&c, k..k + 1).await;
-        k += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!("back on Redis {:?} after it restarted", back.elapsed());
+    let back = back_on_redis(&server, &p, &c, 300).await;
+    eprintln!("back on Redis {back:?} after it restarted");
     assert!(c.stats().l1_clears >= 1, "L1 was cleared on reconnecting");
 }
 
@@ -123,17 +128,7 @@ async fn redis_paused_with_sigstop_costs_at_most_two_timeouts_per_call() {
     assert!(total < 40 * LOAD + 10 * L2_TIMEOUT, "{total:?}");
     let s = c.stats();
     assert!(s.l2_errors >= 3 && s.l2_skipped > 0, "{s:?}");
-    let back = Instant::now();
-    let mut k = 200;
-    while !key_exists(&server, &p, k - 1) {
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "never went back to Redis"
-        );
-        read_all(&c, k..k + 1).await;
-        k += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    back_on_redis(&server, &p, &c, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

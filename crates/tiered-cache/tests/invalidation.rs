@@ -10,19 +10,13 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::TieredCache;
-use support::{Cache, batch, counting, hour, prefix, store};
+use support::{Cache, batch, counting, instance, prefix, store};
 use tokio::sync::oneshot;
 
 async fn instances(server: &RedisServer, p: &str, n: usize) -> Vec<Cache<String>> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let c: Cache<String> =
-            TieredCache::builder("product", store(&server.url(), p).await, hour())
-                .key_prefix(p)
-                .build()
-                .unwrap();
-        assert!(c.wait_for_bus(Duration::from_secs(5)).await);
-        out.push(c);
+        out.push(instance(&server.url(), p, None).await);
     }
     out
 }

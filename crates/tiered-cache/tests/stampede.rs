@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::{CacheError, TieredCache};
-use support::{Cache, counting, hour, prefix, store};
+use support::{Cache, counting, hour, instance, prefix, store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_misses_on_one_key_call_the_loader_once() {
@@ -42,16 +42,10 @@ async fn a_thousand_concurrent_misses_on_one_key_call_the_loader_once() {
 async fn four_instances(lease: bool) -> (usize, Vec<Cache<String>>) {
     let server = RedisServer::shared().unwrap();
     let p = prefix(if lease { "lease" } else { "nolease" });
+    let lease = lease.then_some((Duration::from_secs(5), Duration::from_secs(2)));
     let mut caches = Vec::new();
     for _ in 0..4 {
-        let mut b =
-            TieredCache::builder("product", store(&server.url(), &p).await, hour()).key_prefix(&p);
-        if lease {
-            b = b.lease(Duration::from_secs(5), Duration::from_secs(2));
-        }
-        let cache: Cache<String> = b.build().unwrap();
-        assert!(cache.wait_for_bus(Duration::from_secs(5)).await);
-        caches.push(cache);
+        caches.push(instance(&server.url(), &p, lease).await);
     }
     let calls = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -93,17 +87,9 @@ async fn four_instances_without_a_lease_call_the_loader_at_most_four_times() {
 async fn waiters_are_woken_by_the_value_not_by_the_end_of_their_wait() {
     let server = RedisServer::shared().unwrap();
     let p = prefix("wake");
-    let make = || async {
-        let c: Cache<String> =
-            TieredCache::builder("product", store(&server.url(), &p).await, hour())
-                .key_prefix(&p)
-                .lease(Duration::from_secs(10), Duration::from_secs(10))
-                .build()
-                .unwrap();
-        assert!(c.wait_for_bus(Duration::from_secs(5)).await);
-        c
-    };
-    let (a, b) = (make().await, make().await);
+    let lease = Some((Duration::from_secs(10), Duration::from_secs(10)));
+    let a = instance(&server.url(), &p, lease).await;
+    let b = instance(&server.url(), &p, lease).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let holder = tokio::spawn({
         let load = counting(&calls, Duration::from_millis(300), "lamp");
@@ -129,17 +115,9 @@ async fn waiters_are_woken_by_the_value_not_by_the_end_of_their_wait() {
 async fn a_failing_lease_holder_wakes_the_other_instances_with_the_error() {
     let server = RedisServer::shared().unwrap();
     let p = prefix("fail");
-    let make = || async {
-        let c: Cache<String> =
-            TieredCache::builder("product", store(&server.url(), &p).await, hour())
-                .key_prefix(&p)
-                .lease(Duration::from_secs(10), Duration::from_secs(10))
-                .build()
-                .unwrap();
-        assert!(c.wait_for_bus(Duration::from_secs(5)).await);
-        c
-    };
-    let (a, b) = (make().await, make().await);
+    let lease = Some((Duration::from_secs(10), Duration::from_secs(10)));
+    let a = instance(&server.url(), &p, lease).await;
+    let b = instance(&server.url(), &p, lease).await;
     let holder = tokio::spawn(async move {
         a.get_or_load(&4, || async {
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -43,6 +43,23 @@ pub async fn store(url: &str, prefix: &str) -> Store {
     )
 }
 
+/// One instance under `prefix` (an hour's policy), with a lease `(ttl, wait)` if given, once
+/// its bus listens.
+pub async fn instance(
+    url: &str,
+    prefix: &str,
+    lease: Option<(Duration, Duration)>,
+) -> Cache<String> {
+    let mut b =
+        TieredCache::builder("product", store(url, prefix).await, hour()).key_prefix(prefix);
+    if let Some((ttl, wait)) = lease {
+        b = b.lease(ttl, wait);
+    }
+    let c: Cache<String> = b.build().unwrap();
+    assert!(c.wait_for_bus(Duration::from_secs(5)).await);
+    c
+}
+
 pub fn hour() -> Policy {
     Policy::builder(Duration::from_secs(3600)).build().unwrap()
 }
