@@ -1130,10 +1130,12 @@ where
     /// One key from L2: see [`Inner::read`].
     async fn read_l2(
         &self,
-        skey: &str,
+        skey: &String,
         now: u64,
     ) -> Result<(Expect, Option<Arc<L1Entry<V>>>), StoreError> {
-        let mut got = self.l2(self.store.get_many(&[skey.to_owned()])).await?;
+        let mut got = self
+            .l2(self.store.get_many(std::slice::from_ref(skey)))
+            .await?;
         Ok(self.read(got.pop().flatten(), now))
     }
 
@@ -1290,7 +1292,7 @@ where
     async fn lead_with_lease<F, Fut, E>(
         &self,
         key: &K,
-        skey: &str,
+        skey: &String,
         lease: Lease,
         loader: F,
         mut found: Found<V>,
