@@ -29,6 +29,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "postgres")]
+pub mod cutover;
 mod error;
 mod hot;
 mod id;
