@@ -12,7 +12,8 @@
 //!   failure policy; [`merge_sorted`] for paginated lists across shards.
 //! - [`IdGenerator`]: 63-bit and 53-bit ids that carry their slot.
 //! - [`HotKeys`] and [`ShardCounters`]: hot keys and hot shards in bounded memory.
-//! - Feature `postgres`: the fenced slot cutover that moves rows between databases while
+//! - Feature `postgres`: a directory of pinned keys in a table with a bounded cache, and the
+//!   fenced slot cutover that moves rows between databases while
 //!   writers keep writing, and the write guard that refuses writers holding an old map.
 //!
 //! ```
@@ -31,6 +32,8 @@
 
 #[cfg(feature = "postgres")]
 pub mod cutover;
+#[cfg(feature = "postgres")]
+pub mod directory;
 mod error;
 mod hot;
 mod id;

@@ -116,6 +116,20 @@ impl<T: Clone> ShardRouter<T> {
         })
     }
 
+    /// The target of a shard chosen elsewhere (a directory entry): `None` if the map has no
+    /// such shard.
+    pub fn route_on(&self, shard: ShardId) -> Option<Route<T>> {
+        let s = self.state();
+        let target = s.shards.get(shard as usize)?.clone();
+        s.counters.add(shard, 1);
+        Some(Route {
+            shard,
+            slot: None,
+            version: s.map.version(),
+            target,
+        })
+    }
+
     /// The shard of a slot (for an id, use [`ShardRouter::route_id`]).
     pub fn route_slot(&self, slot: u32) -> Option<Route<T>> {
         let s = self.state();

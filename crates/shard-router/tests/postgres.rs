@@ -499,3 +499,78 @@ async fn a_cutover_refuses_slots_the_source_does_not_own_and_abort_undoes_a_fenc
         }))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_pins_keys_from_a_table_and_caches_hits_and_misses_within_bounds() {
+    use stanchion_shard_router::directory::{Directory, DirectoryError};
+    let cluster = PostgresCluster::start(0).unwrap();
+    let pool = pool(&cluster, 4).await;
+    let router =
+        ShardRouter::new(ShardMap::uniform(64, 4).unwrap(), vec!["a", "b", "c", "d"]).unwrap();
+    let dir = Directory::new(
+        pool.clone(),
+        50,
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    dir.install().await.unwrap();
+    // A key nobody pinned follows its slot.
+    let hashed = router.route(Key::from("tenant-9")).unwrap();
+    assert_eq!(
+        dir.route(&router, Key::from("tenant-9"))
+            .await
+            .unwrap()
+            .shard,
+        hashed.shard
+    );
+    // Pinned through this directory: seen at once.
+    let other = (hashed.shard + 1) % 4;
+    dir.pin(Key::from("tenant-9"), other).await.unwrap();
+    assert_eq!(
+        dir.route(&router, Key::from("tenant-9"))
+            .await
+            .unwrap()
+            .target,
+        ["a", "b", "c", "d"][other as usize]
+    );
+    // Pinned by another process (straight into the table): a cached miss hides it until the
+    // miss TTL passes, then it is seen.
+    assert_eq!(dir.lookup(Key::Int(77)).await.unwrap(), None);
+    sqlx::query("INSERT INTO stanchion_shard_directory (key, shard) VALUES ('i:77', 2)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        dir.lookup(Key::Int(77)).await.unwrap(),
+        None,
+        "a cached miss"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(dir.lookup(Key::Int(77)).await.unwrap(), Some(2));
+    // A shard the map does not have is an error, not a panic or a wrong route.
+    sqlx::query("INSERT INTO stanchion_shard_directory (key, shard) VALUES ('t:ghost', 9)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        dir.route(&router, Key::from("ghost")).await,
+        Err(DirectoryError::UnknownShard { shard: 9 })
+    ));
+    // Bounded: 1,000 distinct lookups keep at most 50 hits and 50 misses.
+    for i in 0..1000_i64 {
+        dir.lookup(Key::Int(10_000 + i)).await.unwrap();
+    }
+    assert!(dir.cached() <= 100, "{} cached", dir.cached());
+    // The database gone: a lookup that misses the cache is an error, a cached hit still answers.
+    let mut cluster = cluster;
+    cluster.kill(Node::Primary).unwrap();
+    assert_eq!(
+        dir.lookup(Key::from("tenant-9")).await.unwrap(),
+        Some(other)
+    );
+    assert!(matches!(
+        dir.lookup(Key::Int(-1)).await,
+        Err(DirectoryError::Db(_))
+    ));
+}
