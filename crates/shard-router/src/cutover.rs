@@ -239,9 +239,12 @@ impl Cutover {
         .await?;
         // 2. copy, live; then one live sync pass, so the fenced sync has only the writes of
         // the last moments to bring over.
+        let mut key_types = Vec::with_capacity(self.tables.len());
         for t in &self.tables {
-            report.copied += self.copy_live(t, &slots).await?;
-            report.copied += self.sync(t, &slots).await?;
+            let ty = self.key_type(t).await?;
+            report.copied += self.copy_live(t, &ty, &slots).await?;
+            report.copied += self.sync(t, &ty, &slots).await?;
+            key_types.push(ty);
         }
         // 3. fence
         let fenced = Instant::now();
@@ -252,8 +255,8 @@ impl Cutover {
         .execute(&self.source)
         .await?;
         // 4. sync and 5. verify
-        for t in &self.tables {
-            report.synced += self.sync(t, &slots).await?;
+        for (t, ty) in self.tables.iter().zip(&key_types) {
+            report.synced += self.sync(t, ty, &slots).await?;
             self.verify(t, &slots).await?;
         }
         // 6. switch: the target first, so there is never a moment where nobody may write and
@@ -360,8 +363,12 @@ impl Cutover {
         }
     }
 
-    async fn copy_live(&self, t: &MovedTable, slots: &[i32]) -> Result<u64, CutoverError> {
-        let ty = self.key_type(t).await?;
+    async fn copy_live(
+        &self,
+        t: &MovedTable,
+        ty: &str,
+        slots: &[i32],
+    ) -> Result<u64, CutoverError> {
         let page = format!(
             "SELECT {key}::text, to_jsonb(x)::text FROM {table} x
              WHERE {slot} = ANY($1) AND ($2::text IS NULL OR {key} > $2::text::{ty})
@@ -432,8 +439,7 @@ impl Cutover {
             .collect()
     }
 
-    async fn sync(&self, t: &MovedTable, slots: &[i32]) -> Result<u64, CutoverError> {
-        let ty = self.key_type(t).await?;
+    async fn sync(&self, t: &MovedTable, ty: &str, slots: &[i32]) -> Result<u64, CutoverError> {
         let source = self.digests(&self.source, t, slots).await?;
         let target = self.digests(&self.target, t, slots).await?;
         let stale: Vec<String> = target

@@ -165,9 +165,6 @@ pub enum IdError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RouteError {
-    /// The key cannot be placed by the router's sharder.
-    #[error(transparent)]
-    Key(#[from] KeyError),
     /// The slot is being moved or has moved: the caller's map is older than the slot's owner
     /// knows. Reload the map (its version must be at least `version`) and route again.
     #[error("slot {slot} moved (map version {version} or later owns it); reload the shard map")]

@@ -166,41 +166,15 @@ fn hash_bytes_extended(k: &[u8], seed: u64) -> u64 {
         s.mix();
         rest = &rest[12..];
     }
-    // The last 0..11 bytes; the lowest byte of c is left for the length, as in lookup3.
-    let byte = |i: usize, shift: u32| u32::from(rest[i]) << shift;
-    let n = rest.len();
-    if n >= 11 {
-        s.c = s.c.wrapping_add(byte(10, 24));
-    }
-    if n >= 10 {
-        s.c = s.c.wrapping_add(byte(9, 16));
-    }
-    if n >= 9 {
-        s.c = s.c.wrapping_add(byte(8, 8));
-    }
-    if n >= 8 {
-        s.b = s.b.wrapping_add(byte(7, 24));
-    }
-    if n >= 7 {
-        s.b = s.b.wrapping_add(byte(6, 16));
-    }
-    if n >= 6 {
-        s.b = s.b.wrapping_add(byte(5, 8));
-    }
-    if n >= 5 {
-        s.b = s.b.wrapping_add(byte(4, 0));
-    }
-    if n >= 4 {
-        s.a = s.a.wrapping_add(byte(3, 24));
-    }
-    if n >= 3 {
-        s.a = s.a.wrapping_add(byte(2, 16));
-    }
-    if n >= 2 {
-        s.a = s.a.wrapping_add(byte(1, 8));
-    }
-    if n >= 1 {
-        s.a = s.a.wrapping_add(byte(0, 0));
+    // The last 0..11 bytes, little-endian into a, b, then c; the lowest byte of c is left for
+    // the length, as in lookup3.
+    for (i, byte) in rest.iter().enumerate() {
+        let shift = 8 * (i % 4) as u32;
+        match i / 4 {
+            0 => s.a = s.a.wrapping_add(u32::from(*byte) << shift),
+            1 => s.b = s.b.wrapping_add(u32::from(*byte) << shift),
+            _ => s.c = s.c.wrapping_add(u32::from(*byte) << (shift + 8)),
+        }
     }
     s.finish()
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use crate::error::{BuildError, RouteError};
+use crate::error::BuildError;
 use crate::hot::ShardCounters;
 use crate::id::IdLayout;
 use crate::key::Key;
@@ -20,11 +20,11 @@ use crate::slots::ShardMap;
 /// ```
 /// use stanchion_shard_router::{Key, ShardMap, ShardRouter};
 /// let router = ShardRouter::new(ShardMap::uniform(4096, 2)?, vec!["db-a", "db-b"])?;
-/// let route = router.route(Key::from("tenant-1"))?;
+/// let route = router.route(Key::from("tenant-1"));
 /// assert!(["db-a", "db-b"].contains(&route.target));
 /// router.pin(Key::from("big-tenant"), 1)?;
-/// assert_eq!(router.route(Key::from("big-tenant"))?.target, "db-b");
-/// let groups = router.group([Key::Int(1), Key::Int(2), Key::Int(3)])?;
+/// assert_eq!(router.route(Key::from("big-tenant")).target, "db-b");
+/// let groups = router.group([Key::Int(1), Key::Int(2), Key::Int(3)]);
 /// assert_eq!(groups.values().map(|g| g.indexes.len()).sum::<usize>(), 3);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -37,7 +37,7 @@ pub struct ShardRouter<T> {
 struct State<T> {
     map: ShardMap,
     shards: Vec<T>,
-    counters: ShardCounters,
+    counters: Arc<ShardCounters>,
     pins: HashMap<OwnedKey, ShardId>,
 }
 
@@ -85,7 +85,7 @@ impl<T: Clone> ShardRouter<T> {
         check(&map, shards.len())?;
         Ok(ShardRouter {
             state: RwLock::new(Arc::new(State {
-                counters: ShardCounters::new(shards.len() as u32),
+                counters: Arc::new(ShardCounters::new(shards.len() as u32)),
                 map,
                 shards,
                 pins: HashMap::new(),
@@ -97,8 +97,8 @@ impl<T: Clone> ShardRouter<T> {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The shard of one key.
-    pub fn route(&self, key: Key<'_>) -> Result<Route<T>, RouteError> {
+    /// The shard of one key (a slot map places every key of every kind).
+    pub fn route(&self, key: Key<'_>) -> Route<T> {
         let s = self.state();
         let (shard, slot) = match pinned(&s, key) {
             Some(shard) => (shard, None),
@@ -108,12 +108,12 @@ impl<T: Clone> ShardRouter<T> {
             }
         };
         s.counters.add(shard, 1);
-        Ok(Route {
+        Route {
             shard,
             slot,
             version: s.map.version(),
             target: s.shards[shard as usize].clone(),
-        })
+        }
     }
 
     /// The target of a shard chosen elsewhere (a directory entry): `None` if the map has no
@@ -153,7 +153,7 @@ impl<T: Clone> ShardRouter<T> {
     pub fn group<'k>(
         &self,
         keys: impl IntoIterator<Item = Key<'k>>,
-    ) -> Result<BTreeMap<ShardId, Group<T>>, RouteError> {
+    ) -> BTreeMap<ShardId, Group<T>> {
         let s = self.state();
         let mut out: BTreeMap<ShardId, Group<T>> = BTreeMap::new();
         for (i, key) in keys.into_iter().enumerate() {
@@ -168,7 +168,7 @@ impl<T: Clone> ShardRouter<T> {
                 .indexes
                 .push(i);
         }
-        Ok(out)
+        out
     }
 
     /// Every shard, in order: for a scatter-gather over all of them.
@@ -191,7 +191,8 @@ impl<T: Clone> ShardRouter<T> {
         self.state().map.version()
     }
 
-    /// Routed keys per shard since the map was last updated (a hot shard shows here).
+    /// Routed keys per shard since the map was last updated with [`ShardRouter::update`] (a
+    /// hot shard shows here).
     pub fn counts(&self) -> Vec<u64> {
         self.state().counters.snapshot()
     }
@@ -233,7 +234,7 @@ impl<T: Clone> ShardRouter<T> {
         }
         let pins = guard.pins.clone();
         *guard = Arc::new(State {
-            counters: ShardCounters::new(shards.len() as u32),
+            counters: Arc::new(ShardCounters::new(shards.len() as u32)),
             map,
             shards,
             pins,
@@ -249,7 +250,7 @@ impl<T: Clone> ShardRouter<T> {
         let mut next = State {
             map: guard.map.clone(),
             shards: guard.shards.clone(),
-            counters: ShardCounters::new(guard.shards.len() as u32),
+            counters: guard.counters.clone(),
             pins: guard.pins.clone(),
         };
         f(&mut next)?;
