@@ -21,7 +21,10 @@ fn poll_once<F: Future>(f: F) -> F::Output {
     }
 }
 
-// One test in this binary, so no other test allocates concurrently.
+// One test in this binary, so no other test allocates concurrently. The harness's own main
+// thread still can (a CI run once counted 4 allocations, 900 bytes, never freed, during the
+// loop), and the counter is process-wide: the loop runs up to five times and one run must count
+// nothing. An allocation per call would count at least 40,000 in every run.
 #[test]
 fn closed_calls_allocate_nothing() {
     let count = CircuitBreaker::builder()
@@ -46,15 +49,28 @@ fn closed_calls_allocate_nothing() {
     let _ = count.call_sync(|| Ok::<_, ()>(1));
     let _ = timed.call_sync(|| Ok::<_, ()>(1));
 
-    let region = Region::new(GLOBAL);
-    for i in 0..10_000u32 {
-        let _ = std::hint::black_box(count.call_sync(|| if i % 10 == 0 { Err(i) } else { Ok(i) }));
-        let _ = std::hint::black_box(timed.call_sync(|| if i % 10 == 0 { Err(i) } else { Ok(i) }));
-        let _ = poll_once(count.call(async move { Ok::<_, ()>(i) }));
-        let _ = poll_once(timed.call(async move { Ok::<_, ()>(i) }));
+    let mut runs = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let region = Region::new(GLOBAL);
+        for i in 0..10_000u32 {
+            let _ =
+                std::hint::black_box(count.call_sync(|| if i % 10 == 0 { Err(i) } else { Ok(i) }));
+            let _ =
+                std::hint::black_box(timed.call_sync(|| if i % 10 == 0 { Err(i) } else { Ok(i) }));
+            let _ = poll_once(count.call(async move { Ok::<_, ()>(i) }));
+            let _ = poll_once(timed.call(async move { Ok::<_, ()>(i) }));
+        }
+        let change = region.change();
+        let clean = change.allocations == 0 && change.reallocations == 0;
+        runs.push(change);
+        if clean {
+            break;
+        }
     }
-    let change = region.change();
-    assert_eq!(change.allocations, 0, "{change:?}");
-    assert_eq!(change.reallocations, 0, "{change:?}");
+    assert!(
+        runs.iter()
+            .any(|c| c.allocations == 0 && c.reallocations == 0),
+        "every run allocated: {runs:?}"
+    );
     assert_eq!(count.state(), stanchion_breaker::State::Closed);
 }
