@@ -203,6 +203,11 @@ impl PgOutbox {
         }
     }
 
+    /// The pool relays and operations use.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// The configuration.
     pub fn config(&self) -> &OutboxConfig {
         &self.config

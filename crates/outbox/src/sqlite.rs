@@ -202,6 +202,11 @@ impl SqliteOutbox {
         }
     }
 
+    /// The pool relays and operations use.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// The configuration.
     pub fn config(&self) -> &OutboxConfig {
         &self.config
