@@ -12,6 +12,7 @@ need_bin redis-cli || missing+=(redis-tools)
 need_bin initdb || missing+=(postgresql)
 need_bin pg_basebackup || missing+=(postgresql)
 need_bin psql || missing+=(postgresql-client)
+need_bin nats-server || missing+=(nats-server)
 if ((${#missing[@]})); then
   # shellcheck disable=SC2207
   missing=($(printf '%s\n' "${missing[@]}" | sort -u))

@@ -12,7 +12,7 @@
 //! - [`Relay`]: claims lanes under a lease, publishes in per-key order, retries with backoff
 //!   and jitter, dead-letters after N attempts, stops gracefully; [`RelayStats`].
 //! - [`Publisher`]: the broker seam; [`ChannelPublisher`] in process, [`RedisStreamPublisher`]
-//!   (feature `redis`).
+//!   (feature `redis`), [`JetStreamPublisher`] (feature `nats`).
 //! - [`PgInbox`] / [`SqliteInbox`]: at most one effect per message id in the consumer's own
 //!   transaction; [`RedisStreamConsumer`] reads with consumer groups and takes over a dead
 //!   consumer's entries.
@@ -52,6 +52,7 @@
 //! | `postgres` | [`PgOutbox`], [`PgInbox`] |
 //! | `migrate` | `migrate()` on the stores |
 //! | `redis` | [`RedisStreamPublisher`], [`RedisStreamConsumer`] |
+//! | `nats` | [`JetStreamPublisher`], [`JetStreamConsumer`] |
 //! | `metrics` | counters, gauges and a latency histogram (see `docs/operations.md`) |
 
 mod config;
@@ -59,6 +60,8 @@ mod error;
 mod event;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod inbox;
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(feature = "postgres")]
 mod pg;
 mod publish;
@@ -79,6 +82,8 @@ pub use event::{Event, Headers, MAX_KEY_BYTES, Message, MessageId, TRACEPARENT};
 pub use inbox::PgInbox;
 #[cfg(feature = "sqlite")]
 pub use inbox::SqliteInbox;
+#[cfg(feature = "nats")]
+pub use nats::{JetStreamConsumer, JetStreamDelivery, JetStreamPublisher};
 #[cfg(feature = "postgres")]
 pub use pg::{PgOutbox, postgres_schema};
 pub use publish::{ChannelPublisher, Publisher};

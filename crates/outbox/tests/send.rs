@@ -17,6 +17,7 @@ async fn futures_are_send(
     mut pg_conn: sqlx::PgConnection,
     mut lite_conn: sqlx::SqliteConnection,
     redis: redis::aio::ConnectionManager,
+    nats: async_nats::Client,
 ) {
     let e = Event::new("k", "t", Vec::new());
     is_send(&pg.enqueue(&mut pg_conn, &e));
@@ -44,6 +45,16 @@ async fn futures_are_send(
     let consumer = RedisStreamConsumer::new(redis, "s", "g", "c");
     is_send(&consumer.read(1, None));
     is_send(&consumer.claim_idle(Duration::from_secs(1), 1));
+    let js = async_nats::jetstream::new(nats);
+    let jsp = stanchion_outbox::JetStreamPublisher::new(js.clone(), "s");
+    is_send(&jsp.publish(&batch));
+    is_send(&jsp.ensure_stream("S", Duration::from_secs(1)));
+    is_send(&stanchion_outbox::JetStreamConsumer::durable(
+        &js,
+        "S",
+        "d",
+        Duration::from_secs(1),
+    ));
     let relay = Relay::builder(lite, channel).build().unwrap();
     is_send(&relay.start());
 }
@@ -56,4 +67,6 @@ fn handles_are_send_and_sync() {
     check::<stanchion_outbox::RelayHandle<SqliteOutbox, ChannelPublisher>>();
     check::<RedisStreamPublisher<redis::aio::ConnectionManager>>();
     check::<RedisStreamConsumer<redis::aio::ConnectionManager>>();
+    check::<stanchion_outbox::JetStreamPublisher>();
+    check::<stanchion_outbox::JetStreamConsumer>();
 }

@@ -1,5 +1,6 @@
 //! Real servers for Stanchion's tests, benches and examples: `redis-server` (single and
-//! cluster), a PostgreSQL primary with streaming replicas, and a fault-injecting TCP proxy. All
+//! cluster), a PostgreSQL primary with streaming replicas, `nats-server` with JetStream, and a
+//! fault-injecting TCP proxy. All
 //! on loopback, on free ports, in temporary directories that are removed when the handle drops,
 //! even when a test panics (and, for servers kept in statics, when the test process exits).
 //!
@@ -31,12 +32,14 @@
 //! code or through `tokio::task::spawn_blocking` in async tests that must keep their runtime free.
 
 mod error;
+mod nats;
 mod postgres;
 mod process;
 mod proxy;
 mod redis;
 
 pub use crate::error::{Result, TestkitError};
+pub use crate::nats::NatsServer;
 pub use crate::postgres::{Node, PostgresCluster, PostgresClusterBuilder, TestDatabase};
 pub use crate::proxy::{Fault, FaultProxy};
 pub use crate::redis::{CLUSTER_SLOTS, RedisCluster, RedisServer, RedisServerBuilder};
