@@ -93,3 +93,7 @@ pub use relay::{Relay, RelayBuilder, RelayHandle, RelayStats};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOutbox, sqlite_schema};
 pub use store::{DeadLetter, Failure, LaneClaim, OutboxStore, Pending, StoreStats, Wakeups};
+
+#[cfg(all(doctest, feature = "sqlite"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -320,7 +320,7 @@ impl Counters {
         self.latency[bucket(us)].fetch_add(1, Ordering::Relaxed);
         self.latency_max.fetch_max(us, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::histogram!("stanchion_outbox_publish_latency_seconds").record(us as f64 / 1e6);
+        metrics::histogram!("outbox.publish_latency").record(us as f64 / 1e6);
     }
 
     fn quantile(&self, counts: &[u64], q: f64) -> u64 {
@@ -473,10 +473,10 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
             if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 gauges_at = Some(Instant::now());
                 if let Ok(st) = self.store.stats().await {
-                    metrics::gauge!("stanchion_outbox_depth").set(st.depth as f64);
-                    metrics::gauge!("stanchion_outbox_oldest_pending_seconds")
+                    metrics::gauge!("outbox.depth").set(st.depth as f64);
+                    metrics::gauge!("outbox.oldest_pending_age")
                         .set(st.oldest_pending_ms as f64 / 1e3);
-                    metrics::gauge!("stanchion_outbox_dead_letters").set(st.dead_letters as f64);
+                    metrics::gauge!("outbox.dead_letters_kept").set(st.dead_letters as f64);
                 }
             }
             let wait = match self.turn(&stop).await {
@@ -539,7 +539,7 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                 () = stop_requested(&mut stop) => {}
             }
         }
-        tracing::info!(relay = %self.s.name, "outbox relay stopped");
+        tracing::info!(outbox.relay = %self.s.name, "outbox relay stopped");
     }
 
     async fn turn(&self, stop: &watch::Receiver<bool>) -> Result<Outcome, StoreError> {
@@ -552,10 +552,8 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
         }
         let results =
             futures_util::future::join_all(claims.iter().map(|&c| self.lane(c, stop))).await;
-        for c in &claims {
-            // A release that fails leaves the lane to its lease.
-            let _ = self.store.release(*c).await;
-        }
+        // A release that fails leaves the lane to its lease.
+        futures_util::future::join_all(claims.iter().map(|&c| self.store.release(c))).await;
         let mut outcome = Outcome::Idle;
         let mut error = None;
         for r in results {
@@ -665,14 +663,13 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                     .published
                     .fetch_add(published.len() as u64, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
-                metrics::counter!("stanchion_outbox_published_total")
-                    .increment(published.len() as u64);
+                metrics::counter!("outbox.published").increment(published.len() as u64);
                 outcome = Outcome::Worked;
             }
             for (id, key, attempts, error) in rejected {
                 self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
-                metrics::counter!("stanchion_outbox_failed_attempts_total").increment(1);
+                metrics::counter!("outbox.failed_attempts").increment(1);
                 let retry_in = self.retry_in(attempts.saturating_add(1));
                 match self
                     .store
@@ -683,11 +680,11 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                     Failure::Dead => {
                         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         #[cfg(feature = "metrics")]
-                        metrics::counter!("stanchion_outbox_dead_letters_total").increment(1);
+                        metrics::counter!("outbox.dead_lettered").increment(1);
                         tracing::warn!(
-                            message_id = id.0,
-                            key = %key,
-                            attempts = attempts.saturating_add(1),
+                            outbox.message_id = id.0,
+                            outbox.key = %key,
+                            outbox.attempts = attempts.saturating_add(1),
                             error = %error,
                             "outbox event dead-lettered"
                         );
@@ -699,7 +696,7 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
             if unavailable {
                 self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
-                metrics::counter!("stanchion_outbox_unavailable_total").increment(1);
+                metrics::counter!("outbox.unavailable").increment(1);
                 return Ok(Outcome::Unavailable);
             }
             if !full {
@@ -711,7 +708,7 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
 
     fn lease_lost(&self, claim: LaneClaim) -> Outcome {
         self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(lane = claim.lane, "outbox lane lease lost");
+        tracing::debug!(outbox.lane = claim.lane, "outbox lane lease lost");
         Outcome::Worked
     }
 
