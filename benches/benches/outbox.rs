@@ -106,7 +106,6 @@ async fn start_relay<P: Publisher>(
 ) -> stanchion_outbox::RelayHandle<PgOutbox, P> {
     Relay::builder(outbox.clone(), publisher)
         .batch_size(BATCH)
-        .lanes_per_turn(8)
         .build()
         .expect("relay")
         .start()

@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS {ns}.outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON {ns}.outbox (lane, id)
     WHERE published_at IS NULL AND dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_pending_id ON {ns}.outbox (id)
+    WHERE published_at IS NULL AND dead_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_published ON {ns}.outbox (published_at)
     WHERE published_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_dead ON {ns}.outbox (id) WHERE dead_at IS NOT NULL;
@@ -115,18 +117,19 @@ impl Statements {
                  RETURNING l.lane, l.token"
             )),
             pending: s(format!(
-                "SELECT id, ordering_key, event_type, payload, headers, attempts, \
+                "SELECT id, lane, ordering_key, event_type, payload, headers, attempts, \
                  (next_attempt_at <= clock_timestamp()) AS due, \
                  (extract(epoch FROM clock_timestamp() - enqueued_at) * 1000000)::int8 AS age_us, \
                  (extract(epoch FROM enqueued_at) * 1000)::int8 AS enqueued_ms \
-                 FROM {ns}.outbox WHERE lane = $1 AND {pending} AND id > $2 ORDER BY id LIMIT $3"
+                 FROM {ns}.outbox WHERE lane = ANY($1) AND {pending} AND id > $2 ORDER BY id LIMIT $3"
             )),
             publish: s(format!(
-                "WITH held AS (UPDATE {ns}.outbox_lanes SET lease_until = clock_timestamp() + make_interval(secs => $3) \
-                   WHERE lane = $1 AND token = $2 RETURNING lane), \
+                "WITH held AS (UPDATE {ns}.outbox_lanes l SET lease_until = clock_timestamp() + make_interval(secs => $3) \
+                   FROM unnest($1::int4[], $2::int8[]) AS c(lane, token) \
+                   WHERE l.lane = c.lane AND l.token = c.token RETURNING l.lane), \
                  done AS (UPDATE {ns}.outbox SET published_at = clock_timestamp() \
-                   WHERE id = ANY($4) AND {pending} AND EXISTS (SELECT 1 FROM held) RETURNING 1) \
-                 SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM done) AS done"
+                   WHERE id = ANY($4) AND {pending} AND lane IN (SELECT lane FROM held) RETURNING 1) \
+                 SELECT lane FROM held"
             )),
             fail: s(format!(
                 "WITH held AS (UPDATE {ns}.outbox_lanes SET lease_until = lease_until \
@@ -137,8 +140,9 @@ impl Statements {
                  WHERE id = $3 AND EXISTS (SELECT 1 FROM held) RETURNING dead_at IS NOT NULL"
             )),
             release: s(format!(
-                "UPDATE {ns}.outbox_lanes SET owner = NULL, lease_until = '-infinity' \
-                 WHERE lane = $1 AND token = $2"
+                "UPDATE {ns}.outbox_lanes l SET owner = NULL, lease_until = '-infinity' \
+                 FROM unnest($1::int4[], $2::int8[]) AS c(lane, token) \
+                 WHERE l.lane = c.lane AND l.token = c.token"
             )),
             stats: s(format!(
                 "SELECT (SELECT count(*) FROM {ns}.outbox WHERE {pending}) AS depth, \
@@ -377,7 +381,9 @@ fn row_to_pending(r: &sqlx::postgres::PgRow) -> Result<Pending, StoreError> {
     let id: i64 = r.try_get("id").map_err(db)?;
     let headers: String = r.try_get("headers").map_err(StoreError::Database)?;
     let headers = decode_headers(&headers).map_err(|reason| StoreError::Corrupt { id, reason })?;
+    let lane: i32 = r.try_get("lane").map_err(StoreError::Database)?;
     Ok(Pending {
+        lane: lane.max(0) as u32,
         message: Message {
             id: MessageId(id),
             key: r.try_get("ordering_key").map_err(StoreError::Database)?,
@@ -436,12 +442,13 @@ impl OutboxStore for PgOutbox {
 
     async fn pending(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<Pending>, StoreError> {
+        let lanes: Vec<i32> = claims.iter().map(|c| c.lane as i32).collect();
         let rows = sqlx::query(q(&self.sql.pending))
-            .bind(claim.lane as i32)
+            .bind(lanes)
             .bind(after.map_or(0, |m| m.0))
             .bind(clamp_limit(limit))
             .fetch_all(&self.pool)
@@ -452,21 +459,22 @@ impl OutboxStore for PgOutbox {
 
     async fn mark_published(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<u32>, StoreError> {
+        let lanes: Vec<i32> = claims.iter().map(|c| c.lane as i32).collect();
+        let tokens: Vec<i64> = claims.iter().map(|c| c.token).collect();
         let ids: Vec<i64> = ids.iter().map(|m| m.0).collect();
-        let row = sqlx::query(q(&self.sql.publish))
-            .bind(claim.lane as i32)
-            .bind(claim.token)
+        let held: Vec<i32> = sqlx::query_scalar(q(&self.sql.publish))
+            .bind(lanes)
+            .bind(tokens)
             .bind(lease.as_secs_f64())
             .bind(ids)
-            .fetch_one(&self.pool)
+            .fetch_all(&self.pool)
             .await
             .map_err(StoreError::Database)?;
-        let held: i64 = row.try_get("held").map_err(StoreError::Database)?;
-        Ok(held == 1)
+        Ok(held.into_iter().map(|l| l.max(0) as u32).collect())
     }
 
     async fn mark_failed(
@@ -494,10 +502,12 @@ impl OutboxStore for PgOutbox {
         })
     }
 
-    async fn release(&self, claim: LaneClaim) -> Result<(), StoreError> {
+    async fn release(&self, claims: &[LaneClaim]) -> Result<(), StoreError> {
+        let lanes: Vec<i32> = claims.iter().map(|c| c.lane as i32).collect();
+        let tokens: Vec<i64> = claims.iter().map(|c| c.token).collect();
         sqlx::query(q(&self.sql.release))
-            .bind(claim.lane as i32)
-            .bind(claim.token)
+            .bind(lanes)
+            .bind(tokens)
             .execute(&self.pool)
             .await
             .map_err(StoreError::Database)?;

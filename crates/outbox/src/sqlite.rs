@@ -43,6 +43,8 @@ pub fn sqlite_schema(config: &OutboxConfig) -> String {
 );
 CREATE INDEX IF NOT EXISTS {ns}_outbox_pending ON {ns}_outbox (lane, id)
     WHERE published_us IS NULL AND dead_us IS NULL;
+CREATE INDEX IF NOT EXISTS {ns}_outbox_pending_id ON {ns}_outbox (id)
+    WHERE published_us IS NULL AND dead_us IS NULL;
 CREATE INDEX IF NOT EXISTS {ns}_outbox_published ON {ns}_outbox (published_us)
     WHERE published_us IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {ns}_outbox_dead ON {ns}_outbox (id) WHERE dead_us IS NOT NULL;
@@ -112,16 +114,18 @@ impl Statements {
                  RETURNING lane, token"
             )),
             pending: s(format!(
-                "SELECT id, ordering_key, event_type, payload, headers, attempts, \
+                "SELECT id, lane, ordering_key, event_type, payload, headers, attempts, \
                  (next_attempt_us <= ?1) AS due, ?1 - enqueued_us AS age_us, enqueued_us / 1000 AS enqueued_ms \
-                 FROM {ns}_outbox WHERE lane = ?2 AND {pending} AND id > ?3 ORDER BY id LIMIT ?4"
+                 FROM {ns}_outbox WHERE lane IN (SELECT value FROM json_each(?2)) AND {pending} AND id > ?3 \
+                 ORDER BY id LIMIT ?4"
             )),
             renew: s(format!(
                 "UPDATE {ns}_outbox_lanes SET lease_until_us = max(lease_until_us, ?3) WHERE lane = ?1 AND token = ?2"
             )),
             publish: s(format!(
                 "UPDATE {ns}_outbox SET published_us = ?1 \
-                 WHERE id IN (SELECT value FROM json_each(?2)) AND {pending}"
+                 WHERE id IN (SELECT value FROM json_each(?2)) AND {pending} \
+                 AND lane IN (SELECT value FROM json_each(?3))"
             )),
             fail: s(format!(
                 "UPDATE {ns}_outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_us = ?3 + ?4, \
@@ -158,6 +162,11 @@ impl Statements {
 
 fn q(s: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
     AssertSqlSafe(Arc::clone(s))
+}
+
+fn lane_list(lanes: impl Iterator<Item = u32>) -> String {
+    let v: Vec<u32> = lanes.collect();
+    serde_json::to_string(&v).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn id_list(ids: &[MessageId]) -> String {
@@ -374,7 +383,12 @@ fn row_to_pending(r: &SqliteRow) -> Result<Pending, StoreError> {
     let id: i64 = r.try_get("id").map_err(StoreError::Database)?;
     let headers: String = r.try_get("headers").map_err(StoreError::Database)?;
     let headers = decode_headers(&headers).map_err(|reason| StoreError::Corrupt { id, reason })?;
+    let lane: i64 = r.try_get("lane").map_err(StoreError::Database)?;
     Ok(Pending {
+        lane: u32::try_from(lane).map_err(|_| StoreError::Corrupt {
+            id,
+            reason: format!("lane is {lane}"),
+        })?,
         message: Message {
             id: MessageId(id),
             key: r.try_get("ordering_key").map_err(StoreError::Database)?,
@@ -434,13 +448,13 @@ impl OutboxStore for SqliteOutbox {
 
     async fn pending(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         after: Option<MessageId>,
         limit: usize,
     ) -> Result<Vec<Pending>, StoreError> {
         let rows = sqlx::query(q(&self.sql.pending))
             .bind(now_us())
-            .bind(i64::from(claim.lane))
+            .bind(lane_list(claims.iter().map(|c| c.lane)))
             .bind(after.map_or(0, |m| m.0))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
@@ -451,32 +465,35 @@ impl OutboxStore for SqliteOutbox {
 
     async fn mark_published(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<u32>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::Database)?;
         let now = now_us();
-        let held = sqlx::query(q(&self.sql.renew))
-            .bind(i64::from(claim.lane))
-            .bind(claim.token)
-            .bind(now.saturating_add(us(lease)))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::Database)?
-            .rows_affected()
-            == 1;
-        if !held {
-            return Ok(false);
+        let mut held = Vec::with_capacity(claims.len());
+        for c in claims {
+            let n = sqlx::query(q(&self.sql.renew))
+                .bind(i64::from(c.lane))
+                .bind(c.token)
+                .bind(now.saturating_add(us(lease)))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::Database)?
+                .rows_affected();
+            if n == 1 {
+                held.push(c.lane);
+            }
         }
         sqlx::query(q(&self.sql.publish))
             .bind(now)
             .bind(id_list(ids))
+            .bind(lane_list(held.iter().copied()))
             .execute(&mut *tx)
             .await
             .map_err(StoreError::Database)?;
         tx.commit().await.map_err(StoreError::Database)?;
-        Ok(true)
+        Ok(held)
     }
 
     async fn mark_failed(
@@ -518,13 +535,15 @@ impl OutboxStore for SqliteOutbox {
         })
     }
 
-    async fn release(&self, claim: LaneClaim) -> Result<(), StoreError> {
-        sqlx::query(q(&self.sql.release))
-            .bind(i64::from(claim.lane))
-            .bind(claim.token)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::Database)?;
+    async fn release(&self, claims: &[LaneClaim]) -> Result<(), StoreError> {
+        for c in claims {
+            sqlx::query(q(&self.sql.release))
+                .bind(i64::from(c.lane))
+                .bind(c.token)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::Database)?;
+        }
         Ok(())
     }
 

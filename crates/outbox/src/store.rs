@@ -24,6 +24,8 @@ pub struct LaneClaim {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Pending {
+    /// The lane it belongs to.
+    pub lane: u32,
     /// The event.
     pub message: Message,
     /// Whether its retry backoff has passed (database clock). An event that is not due blocks
@@ -88,22 +90,22 @@ pub trait OutboxStore: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<LaneClaim>, StoreError>> + Send;
 
-    /// Pending events of a held lane in id order, starting after `after`.
+    /// Pending events of the held lanes in id order, starting after `after`.
     fn pending(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         after: Option<MessageId>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Pending>, StoreError>> + Send;
 
-    /// Marks events published and renews the lease. `Ok(false)`: the lease was lost and nothing
-    /// was marked.
+    /// Marks events published and renews the leases, in one statement. Returns the lanes whose
+    /// lease was still held: events of the other lanes were not marked (their lease was lost).
     fn mark_published(
         &self,
-        claim: LaneClaim,
+        claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<u32>, StoreError>> + Send;
 
     /// Records a failed attempt: retry after `retry_in`, or dead-letter once `max_attempts` is
     /// reached.
@@ -116,8 +118,8 @@ pub trait OutboxStore: Send + Sync + 'static {
         max_attempts: u32,
     ) -> impl Future<Output = Result<Failure, StoreError>> + Send;
 
-    /// Gives a lane back at once.
-    fn release(&self, claim: LaneClaim) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Gives lanes back at once.
+    fn release(&self, claims: &[LaneClaim]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Depth, oldest pending age and dead letters.
     fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;

@@ -188,7 +188,15 @@ async fn events_committed_out_of_id_order_are_not_skipped() {
     let db = Pg::new(4).await;
     let (publisher, rx) = ChannelPublisher::new(4096);
     let seen = Collected::spawn(rx);
-    let relay = Relay::builder(db.store(), publisher)
+    // The relay gets its own small pool: the writers below hold all of theirs in open
+    // transactions, and a relay sharing that pool would wait for them (as it would in production).
+    let relay_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with((*db.pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let relay_outbox = PgOutbox::new(relay_pool, db.outbox.config().clone());
+    let relay = Relay::builder(relay_outbox, publisher)
         .poll_interval(Duration::from_millis(50))
         .build()
         .unwrap()
@@ -222,7 +230,8 @@ async fn events_committed_out_of_id_order_are_not_skipped() {
     let first = delivered.first().unwrap().id;
     assert!(
         first > *ids.iter().min().unwrap(),
-        "commits were not out of order"
+        "commits were not out of order: ids {ids:?}, delivered {:?}",
+        delivered.iter().map(|m| m.id).collect::<Vec<_>>()
     );
     assert_eq!(check_delivery(&ids, &delivered), 0);
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -235,10 +244,13 @@ async fn events_committed_out_of_id_order_are_not_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_relays_aborted_and_restarted_lose_nothing_and_the_inbox_removes_duplicates() {
     let db = Pg::new(16).await;
-    sqlx::query("CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id bigint, key text)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id bigint, key text);
+         CREATE TABLE aggs (key text PRIMARY KEY, n bigint NOT NULL);",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let (publisher, mut rx) = ChannelPublisher::new(100_000);
     let inbox = PgInbox::new(db.outbox.config());
     // The consumer: each delivery applied through the inbox in its own transaction.
@@ -301,7 +313,38 @@ async fn four_relays_aborted_and_restarted_lose_nothing_and_the_inbox_removes_du
                 let events: Vec<Event> = (0..1 + n % 4)
                     .map(|i| ev(&format!("agg{}", (w * 7 + n + i) % 40), n))
                     .collect();
-                ids.extend(db.enqueue(events, n % 2 == 0, n % 10 != 9).await);
+                // As the application would: the transaction updates its aggregates' rows
+                // (locked, in key order) before enqueueing, so transactions on one aggregate
+                // commit in the order of their outbox ids.
+                let mut keys: Vec<String> = events.iter().map(|e| e.key().to_owned()).collect();
+                keys.sort();
+                keys.dedup();
+                let mut tx = db.pool.begin().await.unwrap();
+                for k in &keys {
+                    sqlx::query(
+                        "INSERT INTO aggs (key, n) VALUES ($1, 1) \
+                         ON CONFLICT (key) DO UPDATE SET n = aggs.n + 1",
+                    )
+                    .bind(k)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                }
+                let got = if n % 2 == 0 {
+                    db.outbox.enqueue_batch(&mut tx, &events).await.unwrap()
+                } else {
+                    let mut got = Vec::new();
+                    for e in &events {
+                        got.push(db.outbox.enqueue(&mut tx, e).await.unwrap());
+                    }
+                    got
+                };
+                if n % 10 == 9 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    ids.extend(got);
+                }
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
