@@ -92,7 +92,9 @@ pub use redis::{Delivery, RedisStreamConsumer, RedisStreamPublisher};
 pub use relay::{Relay, RelayBuilder, RelayHandle, RelayStats};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOutbox, sqlite_schema};
-pub use store::{DeadLetter, Failure, LaneClaim, OutboxStore, Pending, StoreStats, Wakeups};
+pub use store::{
+    DeadLetter, Failure, LaneClaim, Marked, Next, OutboxStore, Pending, StoreStats, Wakeups,
+};
 
 #[cfg(all(doctest, feature = "sqlite"))]
 #[doc = include_str!("../README.md")]

@@ -12,7 +12,8 @@ use crate::config::OutboxConfig;
 use crate::error::{EnqueueError, StoreError};
 use crate::event::{Event, Message, MessageId, decode_headers};
 use crate::store::{
-    DeadLetter, Failure, LaneClaim, OutboxStore, Pending, StoreStats, Wakeups, error_text,
+    DeadLetter, Failure, LaneClaim, Marked, Next, OutboxStore, Pending, StoreStats, Wakeups,
+    error_text,
 };
 
 /// The PostgreSQL schema of an outbox (and its inbox table), as SQL a migration tool can run.
@@ -129,7 +130,14 @@ impl Statements {
                    WHERE l.lane = c.lane AND l.token = c.token RETURNING l.lane), \
                  done AS (UPDATE {ns}.outbox SET published_at = clock_timestamp() \
                    WHERE id = ANY($4) AND {pending} AND lane IN (SELECT lane FROM held) RETURNING 1) \
-                 SELECT lane FROM held"
+                 SELECT h.held, p.* FROM (SELECT coalesce(array_agg(lane), '{{}}') AS held FROM held) h \
+                 LEFT JOIN LATERAL ( \
+                   SELECT id, lane, ordering_key, event_type, payload, headers, attempts, \
+                   (next_attempt_at <= clock_timestamp()) AS due, \
+                   (extract(epoch FROM clock_timestamp() - enqueued_at) * 1000000)::int8 AS age_us, \
+                   (extract(epoch FROM enqueued_at) * 1000)::int8 AS enqueued_ms \
+                   FROM {ns}.outbox WHERE lane IN (SELECT lane FROM held) AND {pending} AND id > $5 \
+                   ORDER BY id LIMIT $6) p ON true"
             )),
             fail: s(format!(
                 "WITH held AS (UPDATE {ns}.outbox_lanes SET lease_until = lease_until \
@@ -462,19 +470,35 @@ impl OutboxStore for PgOutbox {
         claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> Result<Vec<u32>, StoreError> {
+        next: Option<Next>,
+    ) -> Result<Marked, StoreError> {
         let lanes: Vec<i32> = claims.iter().map(|c| c.lane as i32).collect();
         let tokens: Vec<i64> = claims.iter().map(|c| c.token).collect();
         let ids: Vec<i64> = ids.iter().map(|m| m.0).collect();
-        let held: Vec<i32> = sqlx::query_scalar(q(&self.sql.publish))
+        // Without `next`, an id past every row reads nothing.
+        let (after, limit) = next.map_or((i64::MAX, 0), |n| (n.after.0, clamp_limit(n.limit)));
+        let rows = sqlx::query(q(&self.sql.publish))
             .bind(lanes)
             .bind(tokens)
             .bind(lease.as_secs_f64())
             .bind(ids)
+            .bind(after)
+            .bind(limit)
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::Database)?;
-        Ok(held.into_iter().map(|l| l.max(0) as u32).collect())
+        let mut marked = Marked::default();
+        for (i, r) in rows.iter().enumerate() {
+            if i == 0 {
+                let held: Vec<i32> = r.try_get("held").map_err(StoreError::Database)?;
+                marked.held = held.into_iter().map(|l| l.max(0) as u32).collect();
+            }
+            let id: Option<i64> = r.try_get("id").map_err(StoreError::Database)?;
+            if id.is_some() {
+                marked.next.push(row_to_pending(r)?);
+            }
+        }
+        Ok(marked)
     }
 
     async fn mark_failed(

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::error::{BuildError, PublishError, RelayError, StoreError};
 use crate::event::{Message, MessageId};
 use crate::publish::Publisher;
-use crate::store::{Failure, LaneClaim, OutboxStore, Pending};
+use crate::store::{Failure, LaneClaim, Next, OutboxStore, Pending};
 
 /// Publishes an outbox's events through a [`Publisher`].
 ///
@@ -563,26 +563,20 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
         mut claims: Vec<LaneClaim>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Outcome, StoreError> {
-        let mut after: Option<MessageId> = None;
         let mut blocked: HashSet<String> = HashSet::new();
         let mut outcome = Outcome::Idle;
-        for _ in 0..self.s.batches_per_lane {
-            if *stop.borrow() || claims.is_empty() {
-                break;
-            }
-            let rows = self
-                .store
-                .pending(&claims, after, self.s.batch_size)
-                .await?;
+        let mut rows = self.store.pending(&claims, None, self.s.batch_size).await?;
+        for round in 0..self.s.batches_per_lane {
+            rows.retain(|p| claims.iter().any(|c| c.lane == p.lane));
             let Some(last) = rows.last() else { break };
-            after = Some(last.message.id);
+            let last = last.message.id;
             let full = rows.len() == self.s.batch_size;
             let fetched = Instant::now();
 
             // Waves: each key at most once per wave, in id order.
             let mut waves: Vec<Vec<Pending>> = Vec::new();
             let mut per_key: HashMap<String, usize> = HashMap::new();
-            for p in rows {
+            for p in std::mem::take(&mut rows) {
                 if blocked.contains(&p.message.key) {
                     continue;
                 }
@@ -636,26 +630,35 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                 }
             }
 
+            let more =
+                full && round + 1 < self.s.batches_per_lane && !unavailable && !*stop.borrow();
+            let mut fetched_next = false;
             if !published.is_empty() {
                 let ids: Vec<MessageId> = published.iter().map(|p| p.1).collect();
-                let held = self
+                let next = more.then_some(Next {
+                    after: last,
+                    limit: self.s.batch_size,
+                });
+                let marked = self
                     .store
-                    .mark_published(&claims, &ids, self.s.lease)
+                    .mark_published(&claims, &ids, self.s.lease, next)
                     .await?;
                 let since_fetch = fetched.elapsed().as_micros() as u64;
-                let mut marked = 0u64;
+                let mut count = 0u64;
                 for (lane, _, age) in &published {
-                    if held.contains(lane) {
-                        marked += 1;
+                    if marked.held.contains(lane) {
+                        count += 1;
                         self.stats.record_latency(
-                            (age.max(&0).unsigned_abs()).saturating_add(since_fetch),
+                            (*age).max(0).unsigned_abs().saturating_add(since_fetch),
                         );
                     }
                 }
-                self.stats.published.fetch_add(marked, Ordering::Relaxed);
+                self.stats.published.fetch_add(count, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
-                metrics::counter!("outbox.published").increment(marked);
-                self.drop_lost(&mut claims, &held);
+                metrics::counter!("outbox.published").increment(count);
+                self.drop_lost(&mut claims, &marked.held);
+                rows = marked.next;
+                fetched_next = next.is_some();
                 outcome = Outcome::Worked;
             }
             for (lane, id, key, attempts, error) in rejected {
@@ -701,8 +704,14 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                 metrics::counter!("outbox.unavailable").increment(1);
                 return Ok(Outcome::Unavailable);
             }
-            if !full {
+            if !more {
                 break;
+            }
+            if !fetched_next {
+                rows = self
+                    .store
+                    .pending(&claims, Some(last), self.s.batch_size)
+                    .await?;
             }
         }
         Ok(outcome)

@@ -12,7 +12,8 @@ use crate::config::OutboxConfig;
 use crate::error::{EnqueueError, StoreError};
 use crate::event::{Event, Message, MessageId, decode_headers};
 use crate::store::{
-    DeadLetter, Failure, LaneClaim, OutboxStore, Pending, StoreStats, Wakeups, error_text,
+    DeadLetter, Failure, LaneClaim, Marked, Next, OutboxStore, Pending, StoreStats, Wakeups,
+    error_text,
 };
 
 /// The SQLite schema of an outbox (and its inbox table): tables prefixed `{namespace}_`.
@@ -468,7 +469,8 @@ impl OutboxStore for SqliteOutbox {
         claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> Result<Vec<u32>, StoreError> {
+        next: Option<Next>,
+    ) -> Result<Marked, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::Database)?;
         let now = now_us();
         let mut held = Vec::with_capacity(claims.len());
@@ -492,8 +494,20 @@ impl OutboxStore for SqliteOutbox {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::Database)?;
+        let mut rows = Vec::new();
+        if let Some(n) = next {
+            rows = sqlx::query(q(&self.sql.pending))
+                .bind(now)
+                .bind(lane_list(held.iter().copied()))
+                .bind(n.after.0)
+                .bind(i64::try_from(n.limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::Database)?;
+        }
         tx.commit().await.map_err(StoreError::Database)?;
-        Ok(held)
+        let next = rows.iter().map(row_to_pending).collect::<Result<_, _>>()?;
+        Ok(Marked::new(held, next))
     }
 
     async fn mark_failed(

@@ -35,6 +35,32 @@ pub struct Pending {
     pub age_us: i64,
 }
 
+/// Which batch [`OutboxStore::mark_published`] should read next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Next {
+    /// Read events after this id.
+    pub after: MessageId,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// What [`OutboxStore::mark_published`] did.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Marked {
+    /// Lanes whose lease was still held (their events were marked).
+    pub held: Vec<u32>,
+    /// The next batch, when asked for.
+    pub next: Vec<Pending>,
+}
+
+impl Marked {
+    /// A result, for stores written outside this crate.
+    pub fn new(held: Vec<u32>, next: Vec<Pending>) -> Self {
+        Self { held, next }
+    }
+}
+
 /// A dead-lettered event, for operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -98,14 +124,17 @@ pub trait OutboxStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Pending>, StoreError>> + Send;
 
-    /// Marks events published and renews the leases, in one statement. Returns the lanes whose
-    /// lease was still held: events of the other lanes were not marked (their lease was lost).
+    /// Marks events published and renews the leases, in one statement; with `next`, the same
+    /// statement also reads the following batch (pending events of the lanes still held, after
+    /// `next.after`), so a busy relay makes one round trip per batch. Events of lanes whose lease
+    /// was lost are not marked.
     fn mark_published(
         &self,
         claims: &[LaneClaim],
         ids: &[MessageId],
         lease: Duration,
-    ) -> impl Future<Output = Result<Vec<u32>, StoreError>> + Send;
+        next: Option<Next>,
+    ) -> impl Future<Output = Result<Marked, StoreError>> + Send;
 
     /// Records a failed attempt: retry after `retry_in`, or dead-letter once `max_attempts` is
     /// reached.
