@@ -314,18 +314,20 @@ fn benches(c: &mut Criterion) {
     g.finish();
     let mut all = samples.lock().expect("samples").clone();
     all.sort();
-    let q = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    let s = latency_relay.stats();
-    eprintln!(
-        "outbox commit-to-publish at 1,000 events/s over {} events: p50 {:?}, p99 {:?}, max {:?}; \
-         relay histogram (enqueue to publish): p50 {} us, p99 {} us",
-        all.len(),
-        q(0.5),
-        q(0.99),
-        all.last().copied().unwrap_or_default(),
-        s.latency_p50_us,
-        s.latency_p99_us,
-    );
+    if !all.is_empty() {
+        let q = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+        let s = latency_relay.stats();
+        eprintln!(
+            "outbox commit-to-publish at 1,000 events/s over {} events: p50 {:?}, p99 {:?}, max {:?}; \
+             relay histogram (enqueue to publish): p50 {} us, p99 {} us",
+            all.len(),
+            q(0.5),
+            q(0.99),
+            all.last().copied().unwrap_or_default(),
+            s.latency_p50_us,
+            s.latency_p99_us,
+        );
+    }
     rt.block_on(async {
         latency_relay
             .shutdown(Duration::from_secs(5))

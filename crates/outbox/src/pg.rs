@@ -136,7 +136,7 @@ impl Statements {
                    (next_attempt_at <= clock_timestamp()) AS due, \
                    (extract(epoch FROM clock_timestamp() - enqueued_at) * 1000000)::int8 AS age_us, \
                    (extract(epoch FROM enqueued_at) * 1000)::int8 AS enqueued_ms \
-                   FROM {ns}.outbox WHERE lane IN (SELECT lane FROM held) AND {pending} AND id > $5 \
+                   FROM {ns}.outbox WHERE lane = ANY($1) AND {pending} AND id > $5 \
                    ORDER BY id LIMIT $6) p ON true"
             )),
             fail: s(format!(
@@ -498,6 +498,9 @@ impl OutboxStore for PgOutbox {
                 marked.next.push(row_to_pending(r)?);
             }
         }
+        // The next batch was read from every claimed lane (a plain array filter plans far
+        // better than a join with the renewed lanes); keep the held ones.
+        marked.next.retain(|p| marked.held.contains(&p.lane));
         Ok(marked)
     }
 
