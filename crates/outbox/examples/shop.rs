@@ -30,7 +30,18 @@ impl Publisher for Broker {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
+    // A database file in WAL mode (an in-memory database shared by several connections locks
+    // whole tables, so the relay and the writers would get in each other's way).
+    let dir = tempfile::tempdir()?;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("shop.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(5));
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await?;
     let outbox = SqliteOutbox::new(pool.clone(), OutboxConfig::builder().lanes(8).build()?);
     outbox.migrate().await?;
     sqlx::raw_sql(

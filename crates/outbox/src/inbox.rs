@@ -119,7 +119,8 @@ impl PgInbox {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use stanchion_outbox::{OutboxConfig, SqliteInbox};
 /// let config = OutboxConfig::default();
-/// let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
+/// // One connection: an in-memory database shared by several connections locks whole tables.
+/// let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 /// sqlx::raw_sql(sqlx::AssertSqlSafe(stanchion_outbox::sqlite_schema(&config))).execute(&pool).await?;
 /// let inbox = SqliteInbox::new(&config);
 /// let mut conn = pool.acquire().await?;

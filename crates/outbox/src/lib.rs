@@ -25,7 +25,8 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use stanchion_outbox::{ChannelPublisher, Event, OutboxConfig, Relay, SqliteOutbox};
-//! let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
+//! // One connection: an in-memory database shared by several connections locks whole tables.
+//! let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 //! let outbox = SqliteOutbox::new(pool.clone(), OutboxConfig::default());
 //! sqlx::raw_sql(sqlx::AssertSqlSafe(stanchion_outbox::sqlite_schema(outbox.config()))).execute(&pool).await?;
 //! sqlx::query("CREATE TABLE products (id INTEGER PRIMARY KEY)").execute(&pool).await?;

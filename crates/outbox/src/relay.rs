@@ -26,7 +26,8 @@ use crate::store::{Failure, LaneClaim, Next, OutboxStore, Pending};
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use stanchion_outbox::{ChannelPublisher, Event, OutboxConfig, Relay, SqliteOutbox};
-/// let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
+/// // One connection: an in-memory database shared by several connections locks whole tables.
+/// let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 /// let outbox = SqliteOutbox::new(pool.clone(), OutboxConfig::default());
 /// # #[cfg(feature = "migrate")]
 /// outbox.migrate().await?;
