@@ -1,0 +1,394 @@
+//! Saga definitions: named, versioned lists of steps.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::SagaId;
+use crate::error::{DefinitionError, StepError};
+
+type ActionFn = dyn Fn(StepContext) -> Pin<Box<dyn Future<Output = Result<Value, StepError>> + Send>>
+    + Send
+    + Sync;
+type CompensationFn = dyn Fn(StepContext) -> Pin<Box<dyn Future<Output = Result<(), StepError>> + Send>>
+    + Send
+    + Sync;
+
+/// What a step is in the saga literature (Garcia-Molina & Salem; Richardson's terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// Can be undone: on a later failure before the pivot, its compensation runs.
+    Compensatable,
+    /// The point of no return: once it succeeds the saga goes forward only.
+    Pivot,
+    /// After the pivot: retried until it succeeds.
+    Retriable,
+}
+
+/// What a step's action and compensation see.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub(crate) saga_id: SagaId,
+    pub(crate) step: Arc<str>,
+    pub(crate) input: Arc<Value>,
+    pub(crate) outputs: Arc<BTreeMap<String, Value>>,
+    pub(crate) attempt: u32,
+    pub(crate) compensating: bool,
+}
+
+impl StepContext {
+    /// The saga's id.
+    pub fn saga_id(&self) -> &SagaId {
+        &self.saga_id
+    }
+    /// This step's name.
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+    /// The same on every attempt and after every crash: `{saga id}:{step}` for the action,
+    /// `{saga id}:{step}:compensation` for the compensation. Pass it to the services you call so
+    /// they apply a retried request once.
+    pub fn idempotency_key(&self) -> String {
+        if self.compensating {
+            format!("{}:{}:compensation", self.saga_id, self.step)
+        } else {
+            format!("{}:{}", self.saga_id, self.step)
+        }
+    }
+    /// Attempt number, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The saga's input.
+    pub fn input<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        T::deserialize(&*self.input).map_err(|e| StepError::permanent(format!("input: {e}")))
+    }
+    /// The output an earlier step returned (for a compensation: its own step's output).
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        let v = self
+            .outputs
+            .get(step)
+            .ok_or_else(|| StepError::permanent(format!("no output from step `{step}`")))?;
+        T::deserialize(v).map_err(|e| StepError::permanent(format!("output of `{step}`: {e}")))
+    }
+}
+
+/// Retries of one step: `max_attempts` tries, waiting `initial * 2^(n-1)` (at most `max`) with
+/// jitter between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub(crate) max_attempts: u32,
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+impl RetryPolicy {
+    /// A policy; checked when the saga is built (attempts at least 1, waits positive, at most a
+    /// day).
+    pub fn new(max_attempts: u32, initial: Duration, max: Duration) -> Self {
+        Self {
+            max_attempts,
+            initial,
+            max,
+        }
+    }
+    /// No retries.
+    pub fn none() -> Self {
+        Self::new(1, Duration::from_millis(1), Duration::from_millis(1))
+    }
+    pub(crate) fn wait(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        let d = self.initial.saturating_mul(1 << exp).min(self.max);
+        d.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+}
+
+impl Default for RetryPolicy {
+    /// 3 attempts, 100 ms then 200 ms (with jitter).
+    fn default() -> Self {
+        Self::new(3, Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+/// One step of a saga.
+#[derive(Clone)]
+pub struct Step {
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: StepKind,
+    pub(crate) action: Arc<ActionFn>,
+    pub(crate) compensation: Option<Arc<CompensationFn>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) timeout: Duration,
+}
+
+impl fmt::Debug for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn boxed_action<A, F>(action: A) -> Arc<ActionFn>
+where
+    A: Fn(StepContext) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Value, StepError>> + Send + 'static,
+{
+    Arc::new(move |ctx| Box::pin(action(ctx)))
+}
+
+impl Step {
+    fn new(name: &str, kind: StepKind, action: Arc<ActionFn>) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            action,
+            compensation: None,
+            retry: RetryPolicy::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A step that can be undone by `compensation`.
+    pub fn compensatable<A, F, C, G>(name: &str, action: A, compensation: C) -> Self
+    where
+        A: Fn(StepContext) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Value, StepError>> + Send + 'static,
+        C: Fn(StepContext) -> G + Send + Sync + 'static,
+        G: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        let mut s = Self::new(name, StepKind::Compensatable, boxed_action(action));
+        s.compensation = Some(Arc::new(move |ctx| Box::pin(compensation(ctx))));
+        s
+    }
+
+    /// The point of no return.
+    pub fn pivot<A, F>(name: &str, action: A) -> Self
+    where
+        A: Fn(StepContext) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Value, StepError>> + Send + 'static,
+    {
+        Self::new(name, StepKind::Pivot, boxed_action(action))
+    }
+
+    /// A step after the pivot, retried until it succeeds.
+    pub fn retriable<A, F>(name: &str, action: A) -> Self
+    where
+        A: Fn(StepContext) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Value, StepError>> + Send + 'static,
+    {
+        Self::new(name, StepKind::Retriable, boxed_action(action))
+    }
+
+    /// This step's retry policy (compensations use it too, then park).
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The longest one attempt may take (default 10 s); must be under half the executor's
+    /// lease.
+    #[must_use]
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The kind.
+    pub fn kind(&self) -> StepKind {
+        self.kind
+    }
+}
+
+/// A named, versioned saga: its steps in order.
+///
+/// ```
+/// use stanchion_saga::{SagaDef, Step, StepError};
+/// let def = SagaDef::builder("create-order", 1)
+///     .step(Step::compensatable("reserve", |_| async { Ok(serde_json::json!({"hold": 7})) },
+///                                          |_| async { Ok(()) }))
+///     .step(Step::pivot("charge", |_| async { Ok(serde_json::Value::Null) }))
+///     .step(Step::retriable("confirm", |_| async { Ok(serde_json::Value::Null) }))
+///     .build()?;
+/// assert_eq!(def.steps().len(), 3);
+/// // A compensatable step after the pivot is refused.
+/// assert!(SagaDef::builder("bad", 1)
+///     .step(Step::pivot("charge", |_| async { Ok(serde_json::Value::Null) }))
+///     .step(Step::compensatable("reserve", |_| async { Ok(serde_json::Value::Null) },
+///                                          |_| async { Ok::<(), StepError>(()) }))
+///     .build().is_err());
+/// # Ok::<(), stanchion_saga::DefinitionError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SagaDef {
+    pub(crate) name: Arc<str>,
+    pub(crate) version: u32,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) pivot: Option<usize>,
+}
+
+impl SagaDef {
+    /// Starts a definition.
+    pub fn builder(name: &str, version: u32) -> SagaDefBuilder {
+        SagaDefBuilder {
+            name: name.to_owned(),
+            version,
+            steps: Vec::new(),
+            deadline: None,
+        }
+    }
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// The steps.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+    /// The pivot step, if the saga has one.
+    pub fn pivot(&self) -> Option<&Step> {
+        self.pivot.map(|i| &self.steps[i])
+    }
+    /// Whether step `i` is past the point of no return (the pivot, or a retriable step).
+    pub(crate) fn past_pivot(&self, i: usize) -> bool {
+        matches!(self.steps[i].kind, StepKind::Pivot | StepKind::Retriable)
+    }
+}
+
+/// Builder for [`SagaDef`].
+#[must_use]
+#[derive(Debug)]
+pub struct SagaDefBuilder {
+    name: String,
+    version: u32,
+    steps: Vec<Step>,
+    deadline: Option<Duration>,
+}
+
+impl SagaDefBuilder {
+    /// Appends a step.
+    pub fn step(mut self, step: Step) -> Self {
+        self.steps.push(step);
+        self
+    }
+    /// A deadline from the start: past it, a saga that has not reached its pivot compensates.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+    /// Checks the definition.
+    pub fn build(self) -> Result<SagaDef, DefinitionError> {
+        let saga = self.name.clone();
+        if self.name.is_empty() || self.name.len() > 200 {
+            return Err(DefinitionError::Setting {
+                field: "name",
+                reason: "must be 1 to 200 bytes".into(),
+            });
+        }
+        if self.steps.is_empty() {
+            return Err(DefinitionError::Empty(saga));
+        }
+        let mut seen = HashSet::new();
+        let mut pivot = None;
+        let mut past = false;
+        for (i, s) in self.steps.iter().enumerate() {
+            if s.name.is_empty() || s.name.contains(':') {
+                return Err(DefinitionError::Order {
+                    saga,
+                    step: s.name.to_string(),
+                    reason: "needs a non-empty name without `:` (it is part of idempotency keys)",
+                });
+            }
+            if !seen.insert(s.name.clone()) {
+                return Err(DefinitionError::DuplicateStep {
+                    saga,
+                    step: s.name.to_string(),
+                });
+            }
+            match s.kind {
+                StepKind::Compensatable if past => {
+                    return Err(DefinitionError::Order {
+                        saga,
+                        step: s.name.to_string(),
+                        reason: "is compensatable but comes after the pivot",
+                    });
+                }
+                StepKind::Pivot if pivot.is_some() => {
+                    return Err(DefinitionError::Order {
+                        saga,
+                        step: s.name.to_string(),
+                        reason: "is a second pivot",
+                    });
+                }
+                StepKind::Pivot => {
+                    pivot = Some(i);
+                    past = true;
+                }
+                StepKind::Retriable if !past && i > 0 => {
+                    return Err(DefinitionError::Order {
+                        saga,
+                        step: s.name.to_string(),
+                        reason: "is retriable but follows compensatable steps without a pivot",
+                    });
+                }
+                StepKind::Retriable => past = true,
+                StepKind::Compensatable => {}
+            }
+            let p = s.retry;
+            if p.max_attempts == 0
+                || p.initial.is_zero()
+                || p.max < p.initial
+                || p.max > Duration::from_secs(86_400)
+            {
+                return Err(DefinitionError::Setting {
+                    field: "retry",
+                    reason: format!(
+                        "step `{}`: attempts at least 1, 0 < initial <= max <= 1 day",
+                        s.name
+                    ),
+                });
+            }
+            if s.timeout.is_zero() || s.timeout > Duration::from_secs(86_400) {
+                return Err(DefinitionError::Setting {
+                    field: "timeout",
+                    reason: format!("step `{}`: between 0 and a day", s.name),
+                });
+            }
+        }
+        if self
+            .deadline
+            .is_some_and(|d| d.is_zero() || d > Duration::from_secs(365 * 86_400))
+        {
+            return Err(DefinitionError::Setting {
+                field: "deadline",
+                reason: "must be positive and at most a year".into(),
+            });
+        }
+        Ok(SagaDef {
+            name: self.name.into(),
+            version: self.version,
+            steps: self.steps,
+            deadline: self.deadline,
+            pivot,
+        })
+    }
+}
