@@ -268,10 +268,6 @@ impl SagaDef {
     pub fn pivot(&self) -> Option<&Step> {
         self.pivot.map(|i| &self.steps[i])
     }
-    /// Whether step `i` is past the point of no return (the pivot, or a retriable step).
-    pub(crate) fn past_pivot(&self, i: usize) -> bool {
-        matches!(self.steps[i].kind, StepKind::Pivot | StepKind::Retriable)
-    }
 }
 
 /// Builder for [`SagaDef`].
@@ -390,5 +386,92 @@ impl SagaDefBuilder {
             deadline: self.deadline,
             pivot,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(name: &str) -> Step {
+        Step::retriable(name, |_| async { Ok(Value::Null) })
+    }
+    fn comp(name: &str) -> Step {
+        Step::compensatable(name, |_| async { Ok(Value::Null) }, |_| async { Ok(()) })
+    }
+    fn pivot(name: &str) -> Step {
+        Step::pivot(name, |_| async { Ok(Value::Null) })
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_the_reason() {
+        let err = |b: SagaDefBuilder| b.build().unwrap_err().to_string();
+        assert!(err(SagaDef::builder("s", 1)).contains("no steps"));
+        assert!(
+            err(SagaDef::builder("s", 1).step(comp("a")).step(comp("a")))
+                .contains("two steps named `a`")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(pivot("p")).step(comp("c")))
+                .contains("after the pivot")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(pivot("p")).step(pivot("q")))
+                .contains("second pivot")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(comp("c")).step(ok("r"))).contains("without a pivot")
+        );
+        assert!(err(SagaDef::builder("s", 1).step(comp("a:b"))).contains("without `:`"));
+        assert!(
+            err(
+                SagaDef::builder("s", 1).step(comp("a").retry(RetryPolicy::new(
+                    0,
+                    Duration::from_millis(1),
+                    Duration::from_millis(1)
+                )))
+            )
+            .contains("retry")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(comp("a").timeout(Duration::ZERO)))
+                .contains("timeout")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1)
+                .step(comp("a"))
+                .deadline(Duration::ZERO))
+            .contains("deadline")
+        );
+        assert!(err(SagaDef::builder("", 1).step(comp("a"))).contains("name"));
+    }
+
+    #[test]
+    fn good_orders_are_accepted() {
+        for b in [
+            SagaDef::builder("s", 1).step(comp("a")).step(comp("b")),
+            SagaDef::builder("s", 1)
+                .step(comp("a"))
+                .step(pivot("p"))
+                .step(ok("r")),
+            SagaDef::builder("s", 1).step(pivot("p")).step(ok("r")),
+            SagaDef::builder("s", 1).step(ok("r")).step(ok("s")),
+        ] {
+            b.build().unwrap();
+        }
+        let d = SagaDef::builder("s", 1)
+            .step(comp("a"))
+            .step(pivot("p"))
+            .build()
+            .unwrap();
+        assert_eq!(d.pivot().map(Step::name), Some("p"));
+    }
+
+    #[test]
+    fn retry_waits_grow_and_stay_under_the_cap() {
+        let p = RetryPolicy::new(10, Duration::from_millis(100), Duration::from_secs(1));
+        assert!(p.wait(1) <= Duration::from_millis(100) && p.wait(1) >= Duration::from_millis(50));
+        assert!(p.wait(30) <= Duration::from_secs(1));
+        assert!(p.wait(u32::MAX) <= Duration::from_secs(1));
     }
 }

@@ -539,7 +539,8 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         deadline_passed = true;
                     }
-                    if deadline_passed && !def.past_pivot(i) {
+                    // Up to and including the pivot nothing irreversible has happened yet.
+                    if deadline_passed && step.kind != StepKind::Retriable {
                         tracing::warn!(saga.step = %step.name, "saga deadline passed before the pivot; compensating");
                         let error = Some("deadline passed before the pivot".to_owned());
                         if !self

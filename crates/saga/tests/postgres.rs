@@ -1,0 +1,295 @@
+//! The saga executor on real PostgreSQL from the testkit: crashes at every boundary, two
+//! executors over one log, a restarted server, definitions that are missing or changed, parked
+//! compensations.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use stanchion_saga::{
+    Executor, PgSagaLog, RetryPolicy, SagaDef, SagaError, Status, Step, StepError,
+};
+use stanchion_testkit::{Node, PostgresCluster};
+use support::*;
+
+fn cluster() -> &'static PostgresCluster {
+    static C: OnceLock<PostgresCluster> = OnceLock::new();
+    C.get_or_init(|| PostgresCluster::start(0).unwrap())
+}
+
+async fn log_on(cluster: &PostgresCluster, acquire: Duration) -> PgSagaLog {
+    let db = cluster.create_database().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(acquire)
+        .connect(&db.primary_url)
+        .await
+        .unwrap();
+    let log = PgSagaLog::new(pool, "shop").unwrap();
+    log.migrate().await.unwrap();
+    log
+}
+
+async fn log() -> PgSagaLog {
+    log_on(cluster(), Duration::from_secs(5)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_boundary_recovers_with_each_effect_once() {
+    crash_at_every_boundary(log().await).await;
+}
+
+/// Two executors over one log, many orders begun on both, one executor aborted midway: every
+/// order ends completed with its effects once, and no saga ever had two steps running at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_executors_never_run_one_saga_at_once() {
+    let log = log().await;
+    let shop = Arc::new(Shop::default());
+    let a = executor(log.clone(), shop.clone(), "a");
+    let b = executor(log.clone(), shop.clone(), "b");
+    // Slow steps and failing confirmations, so sagas are still running when `a` dies.
+    shop.step_delay_ms.store(20, Ordering::SeqCst);
+    shop.confirm_failures.store(40, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        ids.push(
+            e.begin("order", &json!({ "sku": format!("sku-{i}") }))
+                .await
+                .unwrap(),
+        );
+    }
+    a.abort().await;
+    for id in &ids {
+        let done = b.wait(id, Duration::from_secs(20)).await.unwrap();
+        assert_eq!(done.status, Status::Completed, "{done:?}");
+        check_effects(&shop, id, done.status);
+    }
+    for s in [&shop.inventory, &shop.payment, &shop.orders] {
+        assert_eq!(
+            s.max_active.load(Ordering::SeqCst),
+            1,
+            "a saga ran two steps at once"
+        );
+    }
+    let stats = b.stats();
+    assert!(stats.resumed > 0, "{stats:?}");
+    b.shutdown(Duration::from_secs(5)).await;
+}
+
+/// PostgreSQL restarted while orders run: writes are retried and every order finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_continue_after_a_postgres_restart() {
+    let mut cluster = PostgresCluster::start(0).unwrap();
+    let log = log_on(&cluster, Duration::from_millis(500)).await;
+    let shop = Arc::new(Shop::default());
+    let exec = Executor::builder(log.clone())
+        .name("restart")
+        .register(order_saga(shop.clone(), 1))
+        .lease(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(100))
+        .start()
+        .unwrap();
+    shop.confirm_failures.store(40, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(exec.begin("order", &json!({ "sku": i })).await.unwrap());
+    }
+    tokio::task::block_in_place(|| cluster.restart(Node::Primary).unwrap());
+    for id in &ids {
+        let done = exec.wait(id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(done.status, Status::Completed);
+        check_effects(&shop, id, done.status);
+    }
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A saga whose definition is not registered on the executor that finds it is parked with a
+/// clear error, not lost; registered again, an operator's retry finishes it. A saga that began
+/// under version 1 finishes under version 1 after version 2 is deployed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_changed_definitions() {
+    let log = log().await;
+    let shop = Arc::new(Shop::default());
+    let first = executor(log.clone(), shop.clone(), "v1");
+    shop.chaos.arm("charge.before");
+    let id = first
+        .begin("order", &json!({ "sku": "tea" }))
+        .await
+        .unwrap();
+    shop.chaos.wait_hit().await;
+    first.abort().await;
+
+    // An executor that knows no `order` saga.
+    let other = Executor::builder(log.clone())
+        .register(
+            SagaDef::builder("refund", 1)
+                .step(
+                    Step::pivot("pay_back", |_| async { Ok(json!(null)) })
+                        .timeout(Duration::from_millis(100)),
+                )
+                .build()
+                .unwrap(),
+        )
+        .lease(Duration::from_millis(400))
+        .poll_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let parked = other.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(parked.status, Status::Parked);
+    assert!(
+        parked
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no definition `order` version 1")
+    );
+    assert_eq!(other.parked(10).await.unwrap().len(), 1);
+    assert!(matches!(
+        other.begin("order", &json!({})).await,
+        Err(SagaError::UnknownSaga(_))
+    ));
+    other.shutdown(Duration::from_secs(5)).await;
+
+    // Versions 1 and 2 registered: the parked v1 saga is retried and finishes under v1 (whose
+    // steps are the shop's); new sagas use v2.
+    let v2_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = v2_ran.clone();
+    let v2 = SagaDef::builder("order", 2)
+        .step(
+            Step::pivot("all_at_once", move |_| {
+                let flag = flag.clone();
+                async move {
+                    flag.store(true, Ordering::SeqCst);
+                    Ok(json!(null))
+                }
+            })
+            .timeout(Duration::from_millis(100)),
+        )
+        .build()
+        .unwrap();
+    let both = Executor::builder(log.clone())
+        .register(order_saga(shop.clone(), 1))
+        .register(v2)
+        .lease(Duration::from_millis(400))
+        .poll_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    both.retry_parked(&id, "order v1 deployed again")
+        .await
+        .unwrap();
+    assert!(matches!(
+        both.retry_parked(&id, "twice").await,
+        Err(SagaError::WrongStatus { .. })
+    ));
+    let done = both.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!((done.status, done.version), (Status::Completed, 1));
+    check_effects(&shop, &id, done.status);
+    assert!(!v2_ran.load(Ordering::SeqCst));
+    let new = both.begin("order", &json!({})).await.unwrap();
+    let done = both.wait(&new, Duration::from_secs(10)).await.unwrap();
+    assert_eq!((done.status, done.version), (Status::Completed, 2));
+    assert!(v2_ran.load(Ordering::SeqCst));
+    let kinds: Vec<String> = both
+        .history(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.kind)
+        .collect();
+    assert!(kinds.contains(&"parked".to_owned()) && kinds.contains(&"retried".to_owned()));
+    both.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A compensation that keeps failing is parked with its error; an operator resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_compensation_is_parked_and_resolved_by_an_operator() {
+    let log = log().await;
+    let def = SagaDef::builder("stuck", 1)
+        .step(
+            Step::compensatable(
+                "hold",
+                |_| async { Ok(json!(1)) },
+                |_| async { Err::<(), _>(StepError::transient("warehouse API down")) },
+            )
+            .retry(RetryPolicy::new(
+                3,
+                Duration::from_millis(5),
+                Duration::from_millis(10),
+            ))
+            .timeout(Duration::from_millis(100)),
+        )
+        .step(
+            Step::pivot("pay", |_| async {
+                Err::<serde_json::Value, _>(StepError::permanent("declined"))
+            })
+            .timeout(Duration::from_millis(100)),
+        )
+        .build()
+        .unwrap();
+    let exec = Executor::builder(log)
+        .register(def)
+        .lease(Duration::from_millis(400))
+        .start()
+        .unwrap();
+    let id = exec.begin("stuck", &json!({})).await.unwrap();
+    let parked = exec.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(parked.status, Status::Parked);
+    assert_eq!(parked.parked_from, Some(Status::Compensating));
+    assert!(parked.error.unwrap().contains("warehouse API down"));
+    exec.resolve(&id, "released by hand").await.unwrap();
+    let r = exec.get(&id).await.unwrap().unwrap();
+    assert_eq!(r.status, Status::Resolved);
+    assert_eq!(exec.stats().parked, 1);
+    exec.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A deadline that passes before the pivot compensates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_before_the_pivot_compensates() {
+    let log = log().await;
+    let undone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let u = undone.clone();
+    let def = SagaDef::builder("slow", 1)
+        .step(
+            Step::compensatable(
+                "hold",
+                |_| async {
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Ok(json!(1))
+                },
+                move |_| {
+                    let u = u.clone();
+                    async move {
+                        u.store(true, Ordering::SeqCst);
+                        Ok(())
+                    }
+                },
+            )
+            .timeout(Duration::from_millis(190)),
+        )
+        .step(Step::pivot("pay", |_| async { Ok(json!(1)) }).timeout(Duration::from_millis(100)))
+        .deadline(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let exec = Executor::builder(log)
+        .register(def)
+        .lease(Duration::from_millis(400))
+        .start()
+        .unwrap();
+    let t = Instant::now();
+    let id = exec.begin("slow", &json!({})).await.unwrap();
+    let done = exec.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        done.status,
+        Status::Compensated,
+        "{done:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(undone.load(Ordering::SeqCst));
+    exec.shutdown(Duration::from_secs(5)).await;
+}
