@@ -51,3 +51,7 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), DefinitionError> {
         })
     }
 }
+
+#[cfg(all(doctest, feature = "sqlite"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
