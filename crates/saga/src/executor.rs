@@ -377,7 +377,10 @@ impl<L: SagaLogStore + Clone> Inner<L> {
         };
         let me = Arc::clone(self);
         let span = tracing::info_span!("saga", saga.id = %record.id, saga.name = %record.name);
-        self.tasks.lock().await.spawn(
+        let mut tasks = self.tasks.lock().await;
+        // Finished sagas' tasks are reaped here, so the set holds only running ones.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(
             async move {
                 me.drive(record, deadline).await;
                 drop(permit);
