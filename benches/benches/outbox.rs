@@ -26,13 +26,12 @@ use tokio::sync::Notify;
 
 const BATCH: usize = 100;
 
-/// Counts what it is given, like a channel whose reader keeps up.
+/// Accepts everything at once, like a channel whose reader keeps up (`CountOk` counts).
 #[derive(Clone, Default)]
-struct Counting(Arc<AtomicU64>);
+struct Accept;
 
-impl Publisher for Counting {
+impl Publisher for Accept {
     async fn publish(&self, batch: &[Message]) -> Vec<Result<(), PublishError>> {
-        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
         batch.iter().map(|_| Ok(())).collect()
     }
 }
@@ -209,7 +208,7 @@ fn benches(c: &mut Criterion) {
     let relay = rt.block_on(start_relay(
         &outbox,
         CountOk {
-            inner: Counting::default(),
+            inner: Accept,
             seen: Arc::clone(&seen),
             progress: Arc::clone(&progress),
         },

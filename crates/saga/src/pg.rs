@@ -19,8 +19,12 @@ use crate::log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status
 /// ```
 pub fn postgres_schema(namespace: &str) -> Result<String, crate::DefinitionError> {
     crate::check_namespace(namespace)?;
-    let ns = namespace;
-    Ok(format!(
+    Ok(schema(namespace))
+}
+
+/// The schema of an already checked namespace.
+fn schema(ns: &str) -> String {
+    format!(
         "CREATE SCHEMA IF NOT EXISTS {ns};
 CREATE TABLE IF NOT EXISTS {ns}.sagas (
     id text PRIMARY KEY,
@@ -55,7 +59,7 @@ CREATE TABLE IF NOT EXISTS {ns}.saga_events (
 );
 CREATE INDEX IF NOT EXISTS saga_events_saga ON {ns}.saga_events (saga_id, seq);
 "
-    ))
+    )
 }
 
 #[derive(Debug)]
@@ -150,8 +154,7 @@ impl PgSagaLog {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let sql = postgres_schema(&self.namespace)
-            .map_err(|e| SagaError::Database(sqlx::Error::Protocol(e.to_string())))?;
+        let sql = schema(&self.namespace);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut *tx)
             .await

@@ -17,8 +17,12 @@ use crate::log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status
 /// ```
 pub fn sqlite_schema(namespace: &str) -> Result<String, crate::DefinitionError> {
     crate::check_namespace(namespace)?;
-    let ns = namespace;
-    Ok(format!(
+    Ok(schema(namespace))
+}
+
+/// The schema of an already checked namespace.
+fn schema(ns: &str) -> String {
+    format!(
         "CREATE TABLE IF NOT EXISTS {ns}_sagas (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -49,7 +53,7 @@ CREATE TABLE IF NOT EXISTS {ns}_saga_events (
 );
 CREATE INDEX IF NOT EXISTS {ns}_saga_events_saga ON {ns}_saga_events (saga_id, seq);
 "
-    ))
+    )
 }
 
 fn now_us() -> i64 {
@@ -142,8 +146,7 @@ impl SqliteSagaLog {
     /// Creates the tables if missing.
     #[cfg(feature = "migrate")]
     pub async fn migrate(&self) -> Result<(), SagaError> {
-        let sql = sqlite_schema(&self.namespace)
-            .map_err(|e| SagaError::Database(sqlx::Error::Protocol(e.to_string())))?;
+        let sql = schema(&self.namespace);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&self.pool)
             .await
