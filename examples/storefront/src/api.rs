@@ -1,0 +1,830 @@
+//! HTTP: routes, the JSON envelope, errors, authentication and middleware.
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use stanchion_outbox::Event;
+use stanchion_ratelimit::{ClientIp, MissingKey, RateLimitLayer};
+use stanchion_saga::Status;
+use stanchion_shard_router::Key;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::{Claims, TokenError};
+use crate::orders::{ORDER_SAGA, OrderInput};
+use crate::{Instance, InstanceInner, Shard};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// The read-your-writes header: `<product id>:<version>` from a write, sent back on reads.
+pub const RYW_HEADER: &str = "x-rw-token";
+
+/// A product as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Product {
+    /// Id, unique within the tenant's shard.
+    pub id: i64,
+    /// The owning tenant.
+    pub tenant: String,
+    /// Display name.
+    pub name: String,
+    /// Category (lists are by category).
+    pub category: String,
+    /// Price in cents.
+    pub price_cents: i64,
+    /// Units in stock.
+    pub stock: i64,
+    /// Bumped by every write, deletes included.
+    pub version: i64,
+    /// Last write, milliseconds since the epoch.
+    pub updated_ms: i64,
+}
+
+/// The JSON envelope of every API answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Whether the request did what it asked.
+    pub success: bool,
+    /// The result.
+    pub data: Option<T>,
+    /// What went wrong.
+    pub error: Option<ErrorBody>,
+    /// Pagination of lists.
+    pub meta: Option<Meta>,
+}
+
+/// An error's machine-readable code and human message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `invalid_token`, `token_expired`, `forbidden`, `not_found`, `invalid_json`, ...
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// Pagination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// 1-based page.
+    pub page: u32,
+    /// Items per page.
+    pub per_page: u32,
+    /// Items over all pages.
+    pub total: i64,
+}
+
+fn ok<T: Serialize>(status: StatusCode, data: T) -> Response {
+    let body = Envelope {
+        success: true,
+        data: Some(data),
+        error: None,
+        meta: None,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Everything a handler can answer with instead of data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// No bearer token.
+    #[error("a bearer token is required")]
+    Unauthorized,
+    /// The token has expired.
+    #[error("the token has expired")]
+    TokenExpired,
+    /// The token is malformed or wrongly signed.
+    #[error("the token is not valid")]
+    InvalidToken,
+    /// The token lacks a permission.
+    #[error("this needs the `{0}` permission")]
+    Forbidden(&'static str),
+    /// No such resource.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The request is malformed.
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    /// The body is over [`MAX_BODY_BYTES`].
+    #[error("the body is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    /// The order could not be placed (payment declined, out of stock).
+    #[error("{0}")]
+    OrderFailed(String),
+    /// A dependency failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::TokenExpired => (StatusCode::UNAUTHORIZED, "token_expired"),
+            Self::InvalidToken => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::BadRequest(code, _) => (StatusCode::BAD_REQUEST, code),
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::OrderFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "order_failed"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let body: Envelope<()> = Envelope {
+            success: false,
+            data: None,
+            error: Some(ErrorBody {
+                code: code.to_owned(),
+                message: self.to_string(),
+            }),
+            meta: None,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::TooLarge
+        } else {
+            Self::BadRequest("invalid_json", r.body_text())
+        }
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+    // The message names the component, not connection strings or secrets.
+    tracing::error!(error = %e, "{what} failed");
+    ApiError::Unavailable(format!("{what} is unavailable"))
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Auth(pub Claims);
+
+impl FromRequestParts<Instance> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Instance) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized)?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::InvalidToken)?;
+        state
+            .inner
+            .shop
+            .signer
+            .verify(token.trim(), crate::auth::now_s())
+            .map(Auth)
+            .map_err(|e| match e {
+                TokenError::Expired => ApiError::TokenExpired,
+                _ => ApiError::InvalidToken,
+            })
+    }
+}
+
+impl Auth {
+    fn require(&self, perm: &'static str) -> Result<(), ApiError> {
+        if self.0.can(perm) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(perm))
+        }
+    }
+}
+
+/// Request ids: a process-random prefix and a counter.
+#[derive(Debug, Clone)]
+struct Ids {
+    prefix: u32,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MakeRequestId for Ids {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:08x}-{n:010}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The application: routes, then (outside in) request id, tracing, security headers, limits.
+pub(crate) fn router(instance: Instance) -> Router {
+    let shop = &instance.inner.shop;
+    let by_ip = RateLimitLayer::new(shop.by_ip.clone(), ClientIp::direct());
+    let by_key = RateLimitLayer::new(shop.by_key.clone(), shop.api_key.clone())
+        .missing_key(MissingKey::Allow);
+    let api = Router::new()
+        .route("/products", get(list_products).post(create_product))
+        .route(
+            "/products/{id}",
+            get(get_product).put(update_product).delete(delete_product),
+        )
+        .route("/search", get(search))
+        .route("/orders", axum::routing::post(place_order))
+        .route("/orders/{id}", get(get_order))
+        .route("/status", get(crate::status::status))
+        .layer(by_key)
+        .layer(by_ip)
+        .layer(middleware::from_fn_with_state(
+            instance.clone(),
+            count_and_wrap_limits,
+        ));
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let ids = Ids {
+        prefix: fastrand::u32(..),
+        next: Arc::default(),
+    };
+    let instance_id = instance.inner.id;
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/", get(|| async { Html(crate::status::PAGE) }))
+        .route("/health/live", get(|| async { ok(StatusCode::OK, "live") }))
+        .route("/health/ready", get(crate::status::ready))
+        .route("/metrics", get(crate::status::metrics))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(security_headers))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(move |req: &http::Request<_>| {
+                tracing::info_span!(
+                    "http.request",
+                    request_id = %request_id(req.headers()),
+                    instance = instance_id,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::new(x_request_id, ids))
+        .with_state(instance)
+}
+
+/// Security headers on every response (kept when a handler set its own).
+async fn security_headers(req: Request, next: Next) -> Response {
+    use http::header;
+    let mut response = next.run(req).await;
+    let h = response.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'",
+        ),
+    ] {
+        h.entry(name).or_insert(HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Counts requests and 429s, and gives the limiter's 429 the API's envelope (its headers kept).
+async fn count_and_wrap_limits(
+    State(instance): State<Instance>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let c = &instance.inner.counters;
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    let response = next.run(req).await;
+    if response.status() != StatusCode::TOO_MANY_REQUESTS {
+        return response;
+    }
+    c.limited.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("storefront.rate_limited").increment(1);
+    let (parts, _) = response.into_parts();
+    let body: Envelope<()> = Envelope {
+        success: false,
+        data: None,
+        error: Some(ErrorBody {
+            code: "rate_limited".into(),
+            message: "too many requests".into(),
+        }),
+        meta: None,
+    };
+    let mut out = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    for (name, value) in &parts.headers {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn shard_of(inner: &InstanceInner, tenant: &str) -> Shard {
+    inner.shop.shards.route(Key::from(tenant)).target
+}
+
+fn cache_key(tenant: &str, id: i64) -> String {
+    format!("{tenant}/{id}")
+}
+
+fn ryw_header(p: &Product) -> [(HeaderName, String); 1] {
+    [(
+        HeaderName::from_static(RYW_HEADER),
+        format!("{}:{}", p.id, p.version),
+    )]
+}
+
+/// A new product's fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    name: String,
+    category: String,
+    price_cents: i64,
+    stock: i64,
+}
+
+/// Fields to change; absent ones are kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    name: Option<String>,
+    category: Option<String>,
+    price_cents: Option<i64>,
+    stock: Option<i64>,
+}
+
+fn check_text(field: &'static str, v: &str, max: usize) -> Result<(), ApiError> {
+    if v.trim().is_empty() || v.chars().count() > max {
+        return Err(ApiError::BadRequest(
+            "invalid_field",
+            format!("{field} must be 1 to {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_amount(field: &'static str, v: i64) -> Result<(), ApiError> {
+    if !(0..=1_000_000_000).contains(&v) {
+        return Err(ApiError::BadRequest(
+            "invalid_field",
+            format!("{field} must be 0 to 1000000000"),
+        ));
+    }
+    Ok(())
+}
+
+const PRODUCT_COLUMNS: &str = "id, tenant, name, category, price_cents, stock, version, updated_ms";
+
+fn product_event(p: &Product, event_type: &str, request_id: &str) -> Result<Event, ApiError> {
+    let event = Event::json(&format!("{}/{}", p.tenant, p.id), event_type, p)
+        .map_err(|e| internal("event encoding", e))?;
+    Ok(if request_id.is_empty() {
+        event
+    } else {
+        event.with_header("request-id", request_id)
+    })
+}
+
+async fn create_product(
+    State(instance): State<Instance>,
+    auth: Auth,
+    headers: HeaderMap,
+    body: Result<Json<NewProduct>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    auth.require("products:write")?;
+    let Json(new) = body?;
+    check_text("name", &new.name, 200)?;
+    check_text("category", &new.category, 50)?;
+    check_amount("price_cents", new.price_cents)?;
+    check_amount("stock", new.stock)?;
+    let tenant = &auth.0.tenant;
+    let shard = shard_of(&instance.inner, tenant);
+    let now = crate::db::now_ms();
+    let mut tx = shard
+        .pool
+        .begin()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    let product: Product = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO products (tenant, name, category, price_cents, stock, version, created_ms, updated_ms) \
+         VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING {PRODUCT_COLUMNS}"
+    )))
+    .bind(tenant)
+    .bind(new.name.trim())
+    .bind(new.category.trim())
+    .bind(new.price_cents)
+    .bind(new.stock)
+    .bind(now)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| internal("products database", e))?;
+    let event = product_event(&product, "product.created", &request_id(&headers))?;
+    shard
+        .outbox
+        .enqueue(&mut tx, &event)
+        .await
+        .map_err(|e| internal("outbox", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    // A negative entry cached before the insert would hide the product: drop it everywhere.
+    let _ = instance
+        .inner
+        .products
+        .invalidate(&cache_key(tenant, product.id))
+        .await;
+    Ok((ryw_header(&product), ok(StatusCode::CREATED, product)).into_response())
+}
+
+async fn load_product(
+    shard: &Shard,
+    tenant: &str,
+    id: i64,
+) -> Result<Option<Product>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE tenant = ? AND id = ? AND deleted_at IS NULL"
+    )))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&shard.pool)
+    .await
+}
+
+/// The version a read must reach for `id`, from the caller's read-your-writes header.
+fn required_version(headers: &HeaderMap, id: i64) -> Option<i64> {
+    let v = headers.get(RYW_HEADER)?.to_str().ok()?;
+    let (pid, version) = v.split_once(':')?;
+    (pid.parse::<i64>().ok()? == id)
+        .then(|| version.parse().ok())
+        .flatten()
+}
+
+async fn get_product(
+    State(instance): State<Instance>,
+    auth: Auth,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let inner = &instance.inner;
+    let tenant = auth.0.tenant.clone();
+    let shard = shard_of(inner, &tenant);
+    let key = cache_key(&tenant, id);
+    let loader_shard = shard.clone();
+    let cached = inner
+        .products
+        .get_or_load(&key, move || async move {
+            load_product(&loader_shard, &tenant, id).await
+        })
+        .await;
+    let product = match cached {
+        Ok(p) => p,
+        // The cache failing is not the database failing: read through.
+        Err(e) => {
+            tracing::warn!(error = %e, "cache failed; reading the database");
+            load_product(&shard, &auth.0.tenant, id)
+                .await
+                .map_err(|e| internal("products database", e))?
+        }
+    };
+    let product = match required_version(&headers, id) {
+        // The caller wrote a newer version than this instance's copy (the invalidation is still
+        // on its way): read the database, which has it.
+        Some(need) if product.as_ref().is_none_or(|p| p.version < need) => {
+            inner.counters.ryw_bypass.fetch_add(1, Ordering::Relaxed);
+            load_product(&shard, &auth.0.tenant, id)
+                .await
+                .map_err(|e| internal("products database", e))?
+        }
+        _ => product,
+    };
+    let product = product.ok_or(ApiError::NotFound("product"))?;
+    Ok(ok(StatusCode::OK, product))
+}
+
+async fn update_product(
+    State(instance): State<Instance>,
+    auth: Auth,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    body: Result<Json<ProductPatch>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    auth.require("products:write")?;
+    let Json(patch) = body?;
+    if let Some(n) = &patch.name {
+        check_text("name", n, 200)?;
+    }
+    if let Some(c) = &patch.category {
+        check_text("category", c, 50)?;
+    }
+    if let Some(p) = patch.price_cents {
+        check_amount("price_cents", p)?;
+    }
+    if let Some(s) = patch.stock {
+        check_amount("stock", s)?;
+    }
+    let tenant = &auth.0.tenant;
+    let shard = shard_of(&instance.inner, tenant);
+    let mut tx = shard
+        .pool
+        .begin()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    let product: Option<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE products SET name = COALESCE(?, name), category = COALESCE(?, category), \
+         price_cents = COALESCE(?, price_cents), stock = COALESCE(?, stock), \
+         version = version + 1, updated_ms = ? \
+         WHERE tenant = ? AND id = ? AND deleted_at IS NULL RETURNING {PRODUCT_COLUMNS}"
+    )))
+    .bind(patch.name.as_deref().map(str::trim))
+    .bind(patch.category.as_deref().map(str::trim))
+    .bind(patch.price_cents)
+    .bind(patch.stock)
+    .bind(crate::db::now_ms())
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|e| internal("products database", e))?;
+    let product = product.ok_or(ApiError::NotFound("product"))?;
+    let event = product_event(&product, "product.updated", &request_id(&headers))?;
+    shard
+        .outbox
+        .enqueue(&mut tx, &event)
+        .await
+        .map_err(|e| internal("outbox", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    let _ = instance
+        .inner
+        .products
+        .invalidate(&cache_key(tenant, id))
+        .await;
+    Ok((ryw_header(&product), ok(StatusCode::OK, product)).into_response())
+}
+
+async fn delete_product(
+    State(instance): State<Instance>,
+    auth: Auth,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth.require("products:delete")?;
+    let tenant = &auth.0.tenant;
+    let shard = shard_of(&instance.inner, tenant);
+    let now = crate::db::now_ms();
+    let mut tx = shard
+        .pool
+        .begin()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    let product: Option<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE products SET deleted_at = ?, version = version + 1, updated_ms = ? \
+         WHERE tenant = ? AND id = ? AND deleted_at IS NULL RETURNING {PRODUCT_COLUMNS}"
+    )))
+    .bind(now)
+    .bind(now)
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|e| internal("products database", e))?;
+    let product = product.ok_or(ApiError::NotFound("product"))?;
+    let event = product_event(&product, "product.deleted", &request_id(&headers))?;
+    shard
+        .outbox
+        .enqueue(&mut tx, &event)
+        .await
+        .map_err(|e| internal("outbox", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| internal("products database", e))?;
+    let _ = instance
+        .inner
+        .products
+        .invalidate(&cache_key(tenant, id))
+        .await;
+    Ok((
+        ryw_header(&product),
+        ok(StatusCode::OK, serde_json::json!({ "deleted": id })),
+    )
+        .into_response())
+}
+
+/// `?category=&page=&per_page=`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    category: String,
+    page: Option<u32>,
+    per_page: Option<u32>,
+}
+
+async fn list_products(
+    State(instance): State<Instance>,
+    auth: Auth,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest("invalid_query", e.body_text()))?;
+    let page = q.page.unwrap_or(1).max(1);
+    let per_page = q.per_page.unwrap_or(20);
+    if !(1..=100).contains(&per_page) || page > 100_000 {
+        return Err(ApiError::BadRequest(
+            "invalid_query",
+            "per_page must be 1 to 100, page at most 100000".into(),
+        ));
+    }
+    let tenant = &auth.0.tenant;
+    let shard = shard_of(&instance.inner, tenant);
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM products WHERE tenant = ? AND category = ? AND deleted_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(&q.category)
+    .fetch_one(&shard.pool)
+    .await
+    .map_err(|e| internal("products database", e))?;
+    let items: Vec<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE tenant = ? AND category = ? AND deleted_at IS NULL \
+         ORDER BY id LIMIT ? OFFSET ?"
+    )))
+    .bind(tenant)
+    .bind(&q.category)
+    .bind(i64::from(per_page))
+    .bind(i64::from(page - 1) * i64::from(per_page))
+    .fetch_all(&shard.pool)
+    .await
+    .map_err(|e| internal("products database", e))?;
+    let body = Envelope {
+        success: true,
+        data: Some(items),
+        error: None,
+        meta: Some(Meta {
+            page,
+            per_page,
+            total,
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// `?q=` prefix of a product name.
+#[derive(Debug, Deserialize)]
+pub struct SearchQuery {
+    q: String,
+}
+
+/// One search hit.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct SearchHit {
+    /// The product.
+    pub product_id: i64,
+    /// Its name as of the last event applied.
+    pub name: String,
+    /// Its category.
+    pub category: String,
+    /// The product version the search table has.
+    pub version: i64,
+}
+
+async fn search(
+    State(instance): State<Instance>,
+    auth: Auth,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest("invalid_query", e.body_text()))?;
+    check_text("q", &q.q, 100)?;
+    let pattern = format!("{}%", q.q.replace(['%', '_', '\\'], ""));
+    let hits: Vec<SearchHit> = sqlx::query_as(
+        "SELECT product_id, name, category, version FROM search WHERE tenant = ? AND name LIKE ? \
+         ORDER BY name, product_id LIMIT 50",
+    )
+    .bind(&auth.0.tenant)
+    .bind(pattern)
+    .fetch_all(&instance.inner.shop.orders)
+    .await
+    .map_err(|e| internal("search database", e))?;
+    Ok(ok(StatusCode::OK, hits))
+}
+
+/// An order request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    product_id: i64,
+    qty: i64,
+}
+
+/// An order as the API shows it (its saga's state).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderView {
+    /// The order's id (its saga's id).
+    pub id: String,
+    /// `running`, `compensating`, `completed`, `compensated`, `parked`, `resolved`.
+    pub status: String,
+    /// Why it failed, if it did.
+    pub reason: Option<String>,
+}
+
+fn order_view(r: &stanchion_saga::SagaRecord) -> OrderView {
+    OrderView {
+        id: r.id.as_str().to_owned(),
+        status: r.status.as_str().to_owned(),
+        reason: r.error.clone(),
+    }
+}
+
+async fn place_order(
+    State(instance): State<Instance>,
+    auth: Auth,
+    body: Result<Json<NewOrder>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    auth.require("orders:create")?;
+    let Json(order) = body?;
+    if !(1..=1000).contains(&order.qty) {
+        return Err(ApiError::BadRequest(
+            "invalid_field",
+            "qty must be 1 to 1000".into(),
+        ));
+    }
+    let executor = &instance.inner.executor;
+    let input = OrderInput {
+        tenant: auth.0.tenant.clone(),
+        product_id: order.product_id,
+        qty: order.qty,
+    };
+    let id = executor
+        .begin(ORDER_SAGA, &input)
+        .await
+        .map_err(|e| internal("saga log", e))?;
+    match executor.wait(&id, Duration::from_secs(10)).await {
+        Ok(r) if r.status == Status::Completed => Ok(ok(StatusCode::CREATED, order_view(&r))),
+        Ok(r) if r.status == Status::Compensated => Err(ApiError::OrderFailed(format!(
+            "order {} was not placed: {}",
+            r.id.as_str(),
+            r.error.as_deref().unwrap_or("a step failed")
+        ))),
+        Ok(r) => Ok(ok(StatusCode::ACCEPTED, order_view(&r))),
+        Err(stanchion_saga::SagaError::Timeout(_)) => Ok(ok(
+            StatusCode::ACCEPTED,
+            OrderView {
+                id: id.as_str().to_owned(),
+                status: "running".into(),
+                reason: None,
+            },
+        )),
+        Err(e) => Err(internal("saga log", e)),
+    }
+}
+
+async fn get_order(
+    State(instance): State<Instance>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::NotFound("order"));
+    }
+    let record = instance
+        .inner
+        .executor
+        .get(&stanchion_saga::SagaId::from(id.as_str()))
+        .await
+        .map_err(|e| internal("saga log", e))?
+        .ok_or(ApiError::NotFound("order"))?;
+    // Orders of other tenants are not found, not forbidden (no existence leak).
+    let input: Option<OrderInput> = serde_json::from_str(&record.input).ok();
+    if input.is_none_or(|i| i.tenant != auth.0.tenant) {
+        return Err(ApiError::NotFound("order"));
+    }
+    Ok(ok(StatusCode::OK, order_view(&record)))
+}
