@@ -498,6 +498,11 @@ impl<L: SagaLogStore + Clone> Inner<L> {
         let mut attempts = r.attempts;
         let mut deadline_passed = r.deadline_passed;
         let steps = def.steps.len() as i64;
+        // Why the saga is being compensated: kept on the row through every compensation, so a
+        // compensated saga still says what failed.
+        let mut cause = (status == Status::Compensating)
+            .then(|| r.error.clone())
+            .flatten();
         if !matches!(status, Status::Running | Status::Compensating)
             || pos < -1
             || pos > steps
@@ -546,6 +551,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                     if deadline_passed && step.kind != StepKind::Retriable {
                         tracing::warn!(saga.step = %step.name, "saga deadline passed before the pivot; compensating");
                         let error = Some("deadline passed before the pivot".to_owned());
+                        cause.clone_from(&error);
                         if !self
                             .write(fence(
                                 Status::Compensating,
@@ -630,6 +636,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             let exhausted = e.is_permanent() || attempts >= step.retry.max_attempts;
                             if exhausted && !retriable {
                                 tracing::warn!(saga.step = %step.name, error = %e, "saga step failed; compensating");
+                                cause = Some(e.to_string());
                                 if !self
                                     .write(fence(
                                         Status::Compensating,
@@ -727,7 +734,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                                     pos - 1,
                                     None,
                                     0,
-                                    None,
+                                    cause.clone(),
                                     ev,
                                     Some(&step.name),
                                     lease,

@@ -291,5 +291,10 @@ async fn a_deadline_before_the_pivot_compensates() {
         t.elapsed()
     );
     assert!(undone.load(Ordering::SeqCst));
+    // A compensated saga still says why it was compensated.
+    assert_eq!(
+        done.error.as_deref(),
+        Some("deadline passed before the pivot")
+    );
     exec.shutdown(Duration::from_secs(5)).await;
 }
