@@ -405,7 +405,7 @@ fn check_amount(field: &'static str, v: i64) -> Result<(), ApiError> {
 const PRODUCT_COLUMNS: &str = "id, tenant, name, category, price_cents, stock, version, updated_ms";
 
 fn product_event(p: &Product, event_type: &str, request_id: &str) -> Result<Event, ApiError> {
-    let event = Event::json(&format!("{}/{}", p.tenant, p.id), event_type, p)
+    let event = Event::json(format!("{}/{}", p.tenant, p.id), event_type, p)
         .map_err(|e| internal("event encoding", e))?;
     Ok(if request_id.is_empty() {
         event

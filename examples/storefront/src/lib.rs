@@ -242,13 +242,21 @@ impl Shop {
         self.counters.events_applied.load(Ordering::Relaxed)
     }
 
-    /// Waits until every outbox is drained (nothing pending) or `timeout` passes; `true` when
-    /// drained.
+    /// Waits until every outbox is drained (nothing pending) and the consumers have seen every
+    /// published event, or `timeout` passes; `true` when drained.
     pub async fn drain_outboxes(&self, timeout: Duration) -> bool {
         let start = std::time::Instant::now();
         loop {
             if status::outbox_depth(self).await.unwrap_or(i64::MAX) == 0 {
-                return true;
+                // Published is not yet consumed: wait for the consumers to see every message.
+                let published: u64 = self.relays.lock().await.iter().map(|r| r.stats().published).sum();
+                let c = &self.counters;
+                let seen = c.events_applied.load(Ordering::Relaxed)
+                    + c.events_duplicate.load(Ordering::Relaxed)
+                    + c.events_failed.load(Ordering::Relaxed);
+                if seen >= published {
+                    return true;
+                }
             }
             if start.elapsed() >= timeout {
                 return false;

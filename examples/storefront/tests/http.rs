@@ -576,3 +576,67 @@ async fn health_metrics_and_status() {
     // Counters from the crates' `metrics` features, in the Prometheus text format.
     assert!(metrics.contains("cache_"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    send(&Shop::embedded(ShopConfig::default()));
+    let shop = start(ShopConfig::default()).await;
+    send(&Instance::start(&shop.shop, 9));
+    send(&shop.instances[0].serve("127.0.0.1:0"));
+    send(&shop.instances[0].shutdown());
+    send(&shop.shop.drain_outboxes(Duration::from_millis(1)));
+    send(&shop.shop.shutdown());
+    let config = storefront::load::LoadConfig::default();
+    send(&storefront::load::run(
+        &shop.shop,
+        &shop.instances,
+        &[],
+        &config,
+    ));
+    send(&storefront::status::shop_status(&shop.shop));
+}
+
+/// The main job's load, short, in process: the report keeps every promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_load_keeps_every_promise() {
+    let shop = start(ShopConfig::default()).await;
+    let addrs: Vec<SocketAddr> = shop
+        .bases
+        .iter()
+        .map(|b| b.trim_start_matches("http://").parse().unwrap())
+        .collect();
+    let config = storefront::load::LoadConfig {
+        duration: Duration::from_secs(3),
+        progress: false,
+        ..storefront::load::LoadConfig::default()
+    };
+    let report = storefront::load::run(&shop.shop, &shop.instances, &addrs, &config)
+        .await
+        .unwrap();
+    assert!(report.healthy(), "{}", report.render());
+    assert!(report.requests > 500, "{}", report.render());
+    assert!(
+        report.rate_limited > 0,
+        "the greedy client was never limited: {}",
+        report.render()
+    );
+    assert!(report.ryw_checks > 20, "{}", report.render());
+    assert!(
+        report.sagas_completed > 0 && report.sagas_compensated > 0,
+        "{}",
+        report.render()
+    );
+    assert!(
+        report.breaker_transitions > 0,
+        "the payment outage never opened a breaker: {}",
+        report.render()
+    );
+    assert_eq!(
+        report.events_applied,
+        report.outbox_published,
+        "{}",
+        report.render()
+    );
+    assert!(report.l1_hit_ratio > 0.3, "{}", report.render());
+}
