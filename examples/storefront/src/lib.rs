@@ -249,7 +249,13 @@ impl Shop {
         loop {
             if status::outbox_depth(self).await.unwrap_or(i64::MAX) == 0 {
                 // Published is not yet consumed: wait for the consumers to see every message.
-                let published: u64 = self.relays.lock().await.iter().map(|r| r.stats().published).sum();
+                let published: u64 = self
+                    .relays
+                    .lock()
+                    .await
+                    .iter()
+                    .map(|r| r.stats().published)
+                    .sum();
                 let c = &self.counters;
                 let seen = c.events_applied.load(Ordering::Relaxed)
                     + c.events_duplicate.load(Ordering::Relaxed)
