@@ -80,6 +80,7 @@ const COLUMNS: &str = "id, name, version, status, position, input, outputs, atte
 #[derive(Debug, Clone)]
 pub struct PgSagaLog {
     pool: PgPool,
+    #[cfg_attr(not(feature = "migrate"), allow(dead_code))]
     namespace: Arc<str>,
     sql: Arc<Sql>,
 }

@@ -7,12 +7,13 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request::Parts};
 use axum::middleware::{self, Next};
+use axum::response::AppendHeaders;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use stanchion_outbox::Event;
 use stanchion_ratelimit::{ClientIp, MissingKey, RateLimitLayer};
+use stanchion_replica_router::WriteToken;
 use stanchion_saga::Status;
 use stanchion_shard_router::Key;
 use tower_http::request_id::{
@@ -21,13 +22,18 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{Claims, TokenError};
+use crate::backend::Limiters;
 use crate::orders::{ORDER_SAGA, OrderInput};
-use crate::{Instance, InstanceInner, Shard};
+use crate::store::{Shard, Write, Written};
+use crate::{Instance, InstanceInner};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// The read-your-writes header: `<product id>:<version>` from a write, sent back on reads.
 pub const RYW_HEADER: &str = "x-rw-token";
+/// The write-position header: on PostgreSQL, the WAL position of the caller's last write; reads
+/// that send it back are served by a replica that has replayed it (or the primary).
+pub const LSN_HEADER: &str = "x-rw-lsn";
 
 /// A product as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -244,9 +250,6 @@ fn request_id(headers: &HeaderMap) -> String {
 /// The application: routes, then (outside in) request id, tracing, security headers, limits.
 pub(crate) fn router(instance: Instance) -> Router {
     let shop = &instance.inner.shop;
-    let by_ip = RateLimitLayer::new(shop.by_ip.clone(), ClientIp::direct());
-    let by_key = RateLimitLayer::new(shop.by_key.clone(), shop.api_key.clone())
-        .missing_key(MissingKey::Allow);
     let api = Router::new()
         .route("/products", get(list_products).post(create_product))
         .route(
@@ -256,13 +259,21 @@ pub(crate) fn router(instance: Instance) -> Router {
         .route("/search", get(search))
         .route("/orders", axum::routing::post(place_order))
         .route("/orders/{id}", get(get_order))
-        .route("/status", get(crate::status::status))
-        .layer(by_key)
-        .layer(by_ip)
-        .layer(middleware::from_fn_with_state(
-            instance.clone(),
-            count_and_wrap_limits,
-        ));
+        .route("/status", get(crate::status::status));
+    // Per API key inside, per client IP outside; the same limiters serve every instance.
+    let key = shop.api_key.clone();
+    let api = match &shop.limiters {
+        Limiters::Local { by_key, by_ip } => api
+            .layer(RateLimitLayer::new(by_key.clone(), key).missing_key(MissingKey::Allow))
+            .layer(RateLimitLayer::new(by_ip.clone(), ClientIp::direct())),
+        Limiters::Redis { by_key, by_ip } => api
+            .layer(RateLimitLayer::new(by_key.clone(), key).missing_key(MissingKey::Allow))
+            .layer(RateLimitLayer::new(by_ip.clone(), ClientIp::direct())),
+    };
+    let api = api.layer(middleware::from_fn_with_state(
+        instance.clone(),
+        count_and_wrap_limits,
+    ));
     let x_request_id = HeaderName::from_static("x-request-id");
     let ids = Ids {
         prefix: fastrand::u32(..),
@@ -355,31 +366,42 @@ fn cache_key(tenant: &str, id: i64) -> String {
     format!("{tenant}/{id}")
 }
 
-fn ryw_header(p: &Product) -> [(HeaderName, String); 1] {
-    [(
+/// The read-your-writes headers of a write: the product's version, and on PostgreSQL the WAL
+/// position of the commit (a replica that has replayed it has the write).
+fn ryw_headers(w: &Written) -> Vec<(HeaderName, String)> {
+    let mut h = vec![(
         HeaderName::from_static(RYW_HEADER),
-        format!("{}:{}", p.id, p.version),
-    )]
+        format!("{}:{}", w.product.id, w.product.version),
+    )];
+    if let Some(token) = &w.token {
+        h.push((HeaderName::from_static(LSN_HEADER), token.to_string()));
+    }
+    h
+}
+
+/// The caller's last write position, if it sent a valid one.
+fn lsn_token(headers: &HeaderMap) -> Option<WriteToken> {
+    headers.get(LSN_HEADER)?.to_str().ok()?.parse().ok()
 }
 
 /// A new product's fields.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    name: String,
-    category: String,
-    price_cents: i64,
-    stock: i64,
+    pub(crate) name: String,
+    pub(crate) category: String,
+    pub(crate) price_cents: i64,
+    pub(crate) stock: i64,
 }
 
 /// Fields to change; absent ones are kept.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductPatch {
-    name: Option<String>,
-    category: Option<String>,
-    price_cents: Option<i64>,
-    stock: Option<i64>,
+    pub(crate) name: Option<String>,
+    pub(crate) category: Option<String>,
+    pub(crate) price_cents: Option<i64>,
+    pub(crate) stock: Option<i64>,
 }
 
 fn check_text(field: &'static str, v: &str, max: usize) -> Result<(), ApiError> {
@@ -402,16 +424,27 @@ fn check_amount(field: &'static str, v: i64) -> Result<(), ApiError> {
     Ok(())
 }
 
-const PRODUCT_COLUMNS: &str = "id, tenant, name, category, price_cents, stock, version, updated_ms";
-
-fn product_event(p: &Product, event_type: &str, request_id: &str) -> Result<Event, ApiError> {
-    let event = Event::json(format!("{}/{}", p.tenant, p.id), event_type, p)
-        .map_err(|e| internal("event encoding", e))?;
-    Ok(if request_id.is_empty() {
-        event
-    } else {
-        event.with_header("request-id", request_id)
-    })
+/// Runs a product write (row + event in one transaction), then drops the key from every
+/// instance's cache: after the commit, so no instance can reload the old row into it. A create
+/// also drops a negative entry cached before the insert, which would hide the product.
+async fn write(
+    instance: &Instance,
+    tenant: &str,
+    w: Write<'_>,
+    headers: &HeaderMap,
+) -> Result<Written, ApiError> {
+    let shard = shard_of(&instance.inner, tenant);
+    let written = shard
+        .write(tenant, w, &request_id(headers))
+        .await
+        .map_err(|e| internal("products database", e))?
+        .ok_or(ApiError::NotFound("product"))?;
+    let key = cache_key(tenant, written.product.id);
+    if let Err(e) = instance.inner.products.invalidate(&key).await {
+        // The L2 entry then lives until its TTL; the read-your-writes token still bypasses it.
+        tracing::warn!(error = %e, "cache invalidation failed");
+    }
+    Ok(written)
 }
 
 async fn create_product(
@@ -426,58 +459,9 @@ async fn create_product(
     check_text("category", &new.category, 50)?;
     check_amount("price_cents", new.price_cents)?;
     check_amount("stock", new.stock)?;
-    let tenant = &auth.0.tenant;
-    let shard = shard_of(&instance.inner, tenant);
-    let now = crate::db::now_ms();
-    let mut tx = shard
-        .pool
-        .begin()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    let product: Product = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO products (tenant, name, category, price_cents, stock, version, created_ms, updated_ms) \
-         VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING {PRODUCT_COLUMNS}"
-    )))
-    .bind(tenant)
-    .bind(new.name.trim())
-    .bind(new.category.trim())
-    .bind(new.price_cents)
-    .bind(new.stock)
-    .bind(now)
-    .bind(now)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| internal("products database", e))?;
-    let event = product_event(&product, "product.created", &request_id(&headers))?;
-    shard
-        .outbox
-        .enqueue(&mut tx, &event)
-        .await
-        .map_err(|e| internal("outbox", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    // A negative entry cached before the insert would hide the product: drop it everywhere.
-    let _ = instance
-        .inner
-        .products
-        .invalidate(&cache_key(tenant, product.id))
-        .await;
-    Ok((ryw_header(&product), ok(StatusCode::CREATED, product)).into_response())
-}
-
-async fn load_product(
-    shard: &Shard,
-    tenant: &str,
-    id: i64,
-) -> Result<Option<Product>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products WHERE tenant = ? AND id = ? AND deleted_at IS NULL"
-    )))
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(&shard.pool)
-    .await
+    let written = write(&instance, &auth.0.tenant, Write::Create(&new), &headers).await?;
+    let h = ryw_headers(&written);
+    Ok((AppendHeaders(h), ok(StatusCode::CREATED, written.product)).into_response())
 }
 
 /// The version a read must reach for `id`, from the caller's read-your-writes header.
@@ -500,10 +484,12 @@ async fn get_product(
     let shard = shard_of(inner, &tenant);
     let key = cache_key(&tenant, id);
     let loader_shard = shard.clone();
+    // The cache fills from the primary (never from a replica that may not have the write the
+    // invalidation was for).
     let cached = inner
         .products
         .get_or_load(&key, move || async move {
-            load_product(&loader_shard, &tenant, id).await
+            loader_shard.get(&tenant, id, None).await
         })
         .await;
     let product = match cached {
@@ -511,17 +497,19 @@ async fn get_product(
         // The cache failing is not the database failing: read through.
         Err(e) => {
             tracing::warn!(error = %e, "cache failed; reading the database");
-            load_product(&shard, &auth.0.tenant, id)
+            shard
+                .get(&auth.0.tenant, id, None)
                 .await
                 .map_err(|e| internal("products database", e))?
         }
     };
     let product = match required_version(&headers, id) {
         // The caller wrote a newer version than this instance's copy (the invalidation is still
-        // on its way): read the database, which has it.
+        // on its way): read a database node that has the caller's write.
         Some(need) if product.as_ref().is_none_or(|p| p.version < need) => {
             inner.counters.ryw_bypass.fetch_add(1, Ordering::Relaxed);
-            load_product(&shard, &auth.0.tenant, id)
+            shard
+                .get(&auth.0.tenant, id, lsn_token(&headers))
                 .await
                 .map_err(|e| internal("products database", e))?
         }
@@ -552,45 +540,15 @@ async fn update_product(
     if let Some(s) = patch.stock {
         check_amount("stock", s)?;
     }
-    let tenant = &auth.0.tenant;
-    let shard = shard_of(&instance.inner, tenant);
-    let mut tx = shard
-        .pool
-        .begin()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    let product: Option<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE products SET name = COALESCE(?, name), category = COALESCE(?, category), \
-         price_cents = COALESCE(?, price_cents), stock = COALESCE(?, stock), \
-         version = version + 1, updated_ms = ? \
-         WHERE tenant = ? AND id = ? AND deleted_at IS NULL RETURNING {PRODUCT_COLUMNS}"
-    )))
-    .bind(patch.name.as_deref().map(str::trim))
-    .bind(patch.category.as_deref().map(str::trim))
-    .bind(patch.price_cents)
-    .bind(patch.stock)
-    .bind(crate::db::now_ms())
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(|e| internal("products database", e))?;
-    let product = product.ok_or(ApiError::NotFound("product"))?;
-    let event = product_event(&product, "product.updated", &request_id(&headers))?;
-    shard
-        .outbox
-        .enqueue(&mut tx, &event)
-        .await
-        .map_err(|e| internal("outbox", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    let _ = instance
-        .inner
-        .products
-        .invalidate(&cache_key(tenant, id))
-        .await;
-    Ok((ryw_header(&product), ok(StatusCode::OK, product)).into_response())
+    let written = write(
+        &instance,
+        &auth.0.tenant,
+        Write::Update(id, &patch),
+        &headers,
+    )
+    .await?;
+    let h = ryw_headers(&written);
+    Ok((AppendHeaders(h), ok(StatusCode::OK, written.product)).into_response())
 }
 
 async fn delete_product(
@@ -600,42 +558,10 @@ async fn delete_product(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth.require("products:delete")?;
-    let tenant = &auth.0.tenant;
-    let shard = shard_of(&instance.inner, tenant);
-    let now = crate::db::now_ms();
-    let mut tx = shard
-        .pool
-        .begin()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    let product: Option<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE products SET deleted_at = ?, version = version + 1, updated_ms = ? \
-         WHERE tenant = ? AND id = ? AND deleted_at IS NULL RETURNING {PRODUCT_COLUMNS}"
-    )))
-    .bind(now)
-    .bind(now)
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(|e| internal("products database", e))?;
-    let product = product.ok_or(ApiError::NotFound("product"))?;
-    let event = product_event(&product, "product.deleted", &request_id(&headers))?;
-    shard
-        .outbox
-        .enqueue(&mut tx, &event)
-        .await
-        .map_err(|e| internal("outbox", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| internal("products database", e))?;
-    let _ = instance
-        .inner
-        .products
-        .invalidate(&cache_key(tenant, id))
-        .await;
+    let written = write(&instance, &auth.0.tenant, Write::Delete(id), &headers).await?;
+    let h = ryw_headers(&written);
     Ok((
-        ryw_header(&product),
+        AppendHeaders(h),
         ok(StatusCode::OK, serde_json::json!({ "deleted": id })),
     )
         .into_response())
@@ -652,6 +578,7 @@ pub struct ListQuery {
 async fn list_products(
     State(instance): State<Instance>,
     auth: Auth,
+    headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest("invalid_query", e.body_text()))?;
@@ -663,27 +590,17 @@ async fn list_products(
             "per_page must be 1 to 100, page at most 100000".into(),
         ));
     }
-    let tenant = &auth.0.tenant;
-    let shard = shard_of(&instance.inner, tenant);
-    let total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM products WHERE tenant = ? AND category = ? AND deleted_at IS NULL",
-    )
-    .bind(tenant)
-    .bind(&q.category)
-    .fetch_one(&shard.pool)
-    .await
-    .map_err(|e| internal("products database", e))?;
-    let items: Vec<Product> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products WHERE tenant = ? AND category = ? AND deleted_at IS NULL \
-         ORDER BY id LIMIT ? OFFSET ?"
-    )))
-    .bind(tenant)
-    .bind(&q.category)
-    .bind(i64::from(per_page))
-    .bind(i64::from(page - 1) * i64::from(per_page))
-    .fetch_all(&shard.pool)
-    .await
-    .map_err(|e| internal("products database", e))?;
+    let shard = shard_of(&instance.inner, &auth.0.tenant);
+    let (items, total) = shard
+        .list(
+            &auth.0.tenant,
+            &q.category,
+            i64::from(per_page),
+            i64::from(page - 1) * i64::from(per_page),
+            lsn_token(&headers),
+        )
+        .await
+        .map_err(|e| internal("products database", e))?;
     let body = Envelope {
         success: true,
         data: Some(items),
@@ -723,16 +640,13 @@ async fn search(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest("invalid_query", e.body_text()))?;
     check_text("q", &q.q, 100)?;
-    let pattern = format!("{}%", q.q.replace(['%', '_', '\\'], ""));
-    let hits: Vec<SearchHit> = sqlx::query_as(
-        "SELECT product_id, name, category, version FROM search WHERE tenant = ? AND name LIKE ? \
-         ORDER BY name, product_id LIMIT 50",
-    )
-    .bind(&auth.0.tenant)
-    .bind(pattern)
-    .fetch_all(&instance.inner.shop.orders)
-    .await
-    .map_err(|e| internal("search database", e))?;
+    let hits = instance
+        .inner
+        .shop
+        .orders
+        .search(&auth.0.tenant, &q.q)
+        .await
+        .map_err(|e| internal("search database", e))?;
     Ok(ok(StatusCode::OK, hits))
 }
 

@@ -100,3 +100,42 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// The products of one shard on PostgreSQL (same shape as the SQLite one).
+pub(crate) const PG_SHARD_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS products (
+    id BIGSERIAL PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    category TEXT NOT NULL,
+    price_cents BIGINT NOT NULL,
+    stock BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    deleted_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS products_live_by_category
+    ON products (tenant, category, id) WHERE deleted_at IS NULL;
+CREATE INDEX IF NOT EXISTS products_deleted ON products (tenant, deleted_at);
+CREATE TABLE IF NOT EXISTS reservations (
+    order_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    product_id BIGINT NOT NULL,
+    qty BIGINT NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// The search table on PostgreSQL.
+pub(crate) const PG_ORDERS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS search (
+    tenant TEXT NOT NULL,
+    product_id BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    category TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (tenant, product_id)
+);
+CREATE INDEX IF NOT EXISTS search_by_name ON search (tenant, name);
+";

@@ -18,12 +18,15 @@
 
 pub mod api;
 pub mod auth;
+mod backend;
 mod db;
 mod events;
 pub mod load;
 mod orders;
 pub mod payment;
+mod real;
 pub mod status;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,7 +36,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::SqlitePool;
 use stanchion_breaker::Pipeline;
-use stanchion_outbox::{ChannelPublisher, OutboxConfig, Relay, RelayHandle, SqliteOutbox};
+use stanchion_outbox::{ChannelPublisher, OutboxConfig, Relay, SqliteInbox, SqliteOutbox};
 use stanchion_ratelimit::{Limits, LocalLimiter, Quota, RateLimiter};
 use stanchion_saga::{Executor, SqliteSagaLog};
 use stanchion_shard_router::{ShardMap, ShardRouter};
@@ -43,6 +46,10 @@ use tokio::task::JoinHandle;
 
 pub use crate::api::Product;
 pub use crate::payment::{PaymentConfig, PaymentProvider};
+pub use crate::real::RealServers;
+
+use crate::backend::{Limiters, ProductCache, RelayRun, SagaLog, Sagas};
+use crate::store::{OrdersDb, Shard};
 
 /// Everything that can stop the storefront from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -82,22 +89,12 @@ impl Default for ShopConfig {
         Self {
             shards: 2,
             payment: PaymentConfig::default(),
-            per_key_per_second: 100,
+            per_key_per_second: 50,
             per_ip_per_second: 20_000,
             token_secret: b"storefront demo secret: change me in production!".to_vec(),
         }
     }
 }
-
-/// One shard: its database and the outbox in it.
-#[derive(Debug, Clone)]
-pub(crate) struct Shard {
-    pub(crate) index: usize,
-    pub(crate) pool: SqlitePool,
-    pub(crate) outbox: SqliteOutbox,
-}
-
-pub(crate) type ShopLimiter = RateLimiter<LocalLimiter<String>>;
 
 /// Counters of the shared part.
 #[derive(Debug, Default)]
@@ -110,43 +107,71 @@ pub(crate) struct ShopCounters {
 /// What every instance shares.
 #[derive(Debug)]
 pub struct Shop {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    /// The servers `--real` started (kept running as long as the shop lives).
+    pub servers: Option<RealServers>,
     pub(crate) shards: ShardRouter<Shard>,
     pub(crate) shard_list: Vec<Shard>,
-    pub(crate) orders: SqlitePool,
-    pub(crate) saga_log: SqliteSagaLog,
-    pub(crate) cache_store: MemoryCacheStore,
-    pub(crate) by_key: ShopLimiter,
-    pub(crate) by_ip: ShopLimiter,
+    pub(crate) orders: OrdersDb,
+    pub(crate) saga_log: SagaLog,
+    pub(crate) cache: L2,
+    pub(crate) limiters: Limiters,
     pub(crate) api_key: stanchion_ratelimit::HeaderKey,
     pub(crate) instances: std::sync::Mutex<Vec<std::sync::Weak<InstanceInner>>>,
     /// The payment provider every instance charges.
     pub payment: Arc<PaymentProvider>,
     pub(crate) signer: auth::Signer,
-    pub(crate) relays: Mutex<Vec<RelayHandle<SqliteOutbox, ChannelPublisher>>>,
+    pub(crate) relays: Mutex<Vec<RelayRun>>,
     pub(crate) consumers: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) counters: ShopCounters,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
+/// The cache's shared second tier.
+#[derive(Debug, Clone)]
+pub(crate) enum L2 {
+    Memory(MemoryCacheStore),
+    Redis(stanchion_tiered_cache::RedisCacheStore<redis::aio::ConnectionManager>),
+}
+
 pub(crate) const OUTBOX_NAMESPACE: &str = "shop";
 pub(crate) const SAGA_NAMESPACE: &str = "shop";
+
+fn config_error(e: impl std::fmt::Display) -> Error {
+    Error::Config(e.to_string())
+}
+
+pub(crate) fn outbox_config() -> Result<OutboxConfig, Error> {
+    OutboxConfig::builder()
+        .namespace(OUTBOX_NAMESPACE)
+        .build()
+        .map_err(config_error)
+}
+
+pub(crate) fn quota(per_second: u32) -> Result<Limits, Error> {
+    Ok(Limits::single(
+        Quota::per_second(per_second).map_err(config_error)?,
+    ))
+}
+
+/// The parts `embedded` and `real` build differently.
+pub(crate) struct Parts {
+    pub(crate) dir: Option<tempfile::TempDir>,
+    pub(crate) servers: Option<RealServers>,
+    pub(crate) shard_list: Vec<Shard>,
+    pub(crate) orders: OrdersDb,
+    pub(crate) saga_log: SagaLog,
+    pub(crate) cache: L2,
+    pub(crate) limiters: Limiters,
+}
 
 impl Shop {
     /// The embedded default: SQLite files in a temporary directory, in-memory L2 and limiter
     /// stores, in-process publishers. Nothing to install.
     pub async fn embedded(config: ShopConfig) -> Result<Arc<Self>, Error> {
-        if config.shards == 0 || config.shards > 64 {
-            return Err(Error::Config(format!(
-                "shards must be 1 to 64 (got {})",
-                config.shards
-            )));
-        }
+        check(&config)?;
         let dir = tempfile::tempdir()?;
-        let outbox_config = OutboxConfig::builder()
-            .namespace(OUTBOX_NAMESPACE)
-            .build()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let outbox_config = outbox_config()?;
         let mut shard_list = Vec::with_capacity(config.shards);
         for index in 0..config.shards {
             let pool = open(dir.path(), &format!("shard-{index}.db")).await?;
@@ -154,7 +179,7 @@ impl Shop {
                 .await
                 .map_err(|e| Error::Database(e.to_string()))?;
             let outbox = SqliteOutbox::new(pool.clone(), outbox_config.clone());
-            shard_list.push(Shard {
+            shard_list.push(Shard::Sqlite {
                 index,
                 pool,
                 outbox,
@@ -164,31 +189,56 @@ impl Shop {
         db::migrate_orders(&orders, &outbox_config, SAGA_NAMESPACE)
             .await
             .map_err(|e| Error::Database(e.to_string()))?;
-        let saga_log = SqliteSagaLog::new(orders.clone(), SAGA_NAMESPACE)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let map = ShardMap::uniform(1024, u32::try_from(config.shards).unwrap_or(1))
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let shards =
-            ShardRouter::new(map, shard_list.clone()).map_err(|e| Error::Config(e.to_string()))?;
-        let limiter = |per_second: u32| -> Result<ShopLimiter, Error> {
-            let quota = Quota::per_second(per_second).map_err(|e| Error::Config(e.to_string()))?;
-            let store = LocalLimiter::<String>::new(Limits::new())
-                .map_err(|e| Error::Config(e.to_string()))?;
-            RateLimiter::builder(store, Limits::single(quota))
+        let saga_log = SqliteSagaLog::new(orders.clone(), SAGA_NAMESPACE).map_err(config_error)?;
+        let local = |limits: Limits| -> Result<RateLimiter<LocalLimiter<String>>, Error> {
+            let store = LocalLimiter::<String>::new(Limits::new()).map_err(config_error)?;
+            RateLimiter::builder(store, limits)
                 .build()
-                .map_err(|e| Error::Config(e.to_string()))
+                .map_err(config_error)
         };
-        let shop = Arc::new(Shop {
-            _dir: dir,
-            shards,
+        let parts = Parts {
+            dir: Some(dir),
+            servers: None,
             shard_list,
-            orders,
-            saga_log,
-            cache_store: MemoryCacheStore::new(),
-            by_key: limiter(config.per_key_per_second)?,
-            by_ip: limiter(config.per_ip_per_second)?,
+            orders: OrdersDb::Sqlite {
+                pool: orders,
+                inbox: SqliteInbox::new(&outbox_config),
+            },
+            saga_log: SagaLog::Sqlite(saga_log),
+            cache: L2::Memory(MemoryCacheStore::new()),
+            limiters: Limiters::Local {
+                by_key: local(quota(config.per_key_per_second)?)?,
+                by_ip: local(quota(config.per_ip_per_second)?)?,
+            },
+        };
+        Self::assemble(config, parts).await
+    }
+
+    /// Real servers from the testkit: a PostgreSQL primary with two streaming replicas (one
+    /// database per shard and one for orders, each behind a replica router) and Redis (the
+    /// cache's L2 and bus, the shared limiters). Needs `postgres` and `redis-server` installed
+    /// (`scripts/test` installs them).
+    pub async fn real(config: ShopConfig) -> Result<Arc<Self>, Error> {
+        check(&config)?;
+        let parts = real::parts(&config).await?;
+        Self::assemble(config, parts).await
+    }
+
+    async fn assemble(config: ShopConfig, parts: Parts) -> Result<Arc<Self>, Error> {
+        let map = ShardMap::uniform(1024, u32::try_from(config.shards).unwrap_or(1))
+            .map_err(config_error)?;
+        let shards = ShardRouter::new(map, parts.shard_list.clone()).map_err(config_error)?;
+        let shop = Arc::new(Shop {
+            _dir: parts.dir,
+            servers: parts.servers,
+            shards,
+            shard_list: parts.shard_list,
+            orders: parts.orders,
+            saga_log: parts.saga_log,
+            cache: parts.cache,
+            limiters: parts.limiters,
             api_key: stanchion_ratelimit::HeaderKey::new("x-api-key", &config.token_secret)
-                .map_err(|e| Error::Config(e.to_string()))?,
+                .map_err(config_error)?,
             instances: std::sync::Mutex::new(Vec::new()),
             payment: Arc::new(PaymentProvider::new(config.payment)),
             signer: auth::Signer::new(&config.token_secret)?,
@@ -208,19 +258,34 @@ impl Shop {
         let mut consumers = self.consumers.lock().await;
         for shard in &self.shard_list {
             let (publisher, rx) = ChannelPublisher::new(1024);
-            let relay = Relay::builder(shard.outbox.clone(), publisher)
-                .name(format!("relay-shard-{}", shard.index))
-                .poll_interval(Duration::from_millis(50))
-                .build()
-                .map_err(|e| Error::Config(e.to_string()))?
-                .start()
-                .await
-                .map_err(|e| Error::Start(format!("relay of shard {}: {e}", shard.index)))?;
+            let name = format!("relay-shard-{}", shard.index());
+            let failed = |e: stanchion_outbox::RelayError| Error::Start(format!("{name}: {e}"));
+            let relay = match shard {
+                Shard::Sqlite { outbox, .. } => RelayRun::Sqlite(
+                    Relay::builder(outbox.clone(), publisher)
+                        .name(name.clone())
+                        .poll_interval(Duration::from_millis(50))
+                        .build()
+                        .map_err(config_error)?
+                        .start()
+                        .await
+                        .map_err(failed)?,
+                ),
+                Shard::Pg { outbox, .. } => RelayRun::Pg(
+                    Relay::builder(outbox.clone(), publisher)
+                        .name(name.clone())
+                        .poll_interval(Duration::from_millis(200))
+                        .build()
+                        .map_err(config_error)?
+                        .start()
+                        .await
+                        .map_err(failed)?,
+                ),
+            };
             relays.push(relay);
             consumers.push(tokio::spawn(events::consume(
                 Arc::clone(self),
-                shard.outbox.config().clone(),
-                format!("shard-{}", shard.index),
+                format!("shard-{}", shard.index()),
                 rx,
             )));
         }
@@ -274,12 +339,22 @@ impl Shop {
     /// Stops the relays (giving their lanes back) and the consumers.
     pub async fn shutdown(&self) {
         for relay in self.relays.lock().await.drain(..) {
-            let _ = relay.shutdown(Duration::from_secs(5)).await;
+            relay.shutdown(Duration::from_secs(5)).await;
         }
         for consumer in self.consumers.lock().await.drain(..) {
             consumer.abort();
         }
     }
+}
+
+fn check(config: &ShopConfig) -> Result<(), Error> {
+    if config.shards == 0 || config.shards > 64 {
+        return Err(Error::Config(format!(
+            "shards must be 1 to 64 (got {})",
+            config.shards
+        )));
+    }
+    Ok(())
 }
 
 async fn open(dir: &Path, file: &str) -> Result<SqlitePool, Error> {
@@ -319,9 +394,9 @@ pub struct Instance {
 pub(crate) struct InstanceInner {
     pub(crate) id: usize,
     pub(crate) shop: Arc<Shop>,
-    pub(crate) products: TieredCache<String, Product, MemoryCacheStore>,
+    pub(crate) products: ProductCache,
     pub(crate) payments: Pipeline,
-    pub(crate) executor: Executor<SqliteSagaLog>,
+    pub(crate) executor: Sagas,
     pub(crate) counters: InstanceCounters,
 }
 
@@ -333,17 +408,41 @@ impl Instance {
             .l1_ttl(Duration::from_secs(60))
             .negative_ttl(Duration::from_secs(5))
             .build()
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let products = TieredCache::builder("product", shop.cache_store.clone(), policy)
-            .lease(Duration::from_secs(2), Duration::from_millis(200))
-            .build()
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(config_error)?;
+        let products = match &shop.cache {
+            L2::Memory(store) => ProductCache::Memory(
+                TieredCache::builder("product", store.clone(), policy)
+                    .lease(Duration::from_secs(2), Duration::from_millis(200))
+                    .build()
+                    .map_err(config_error)?,
+            ),
+            L2::Redis(store) => ProductCache::Redis(
+                TieredCache::builder("product", store.clone(), policy)
+                    .key_prefix("storefront:")
+                    .lease(Duration::from_secs(2), Duration::from_millis(200))
+                    .build()
+                    .map_err(config_error)?,
+            ),
+        };
         let payments = payment::pipeline(&format!("instance-{id}"))?;
-        let executor = Executor::builder(shop.saga_log.clone())
-            .name(format!("instance-{id}"))
-            .register(orders::definition(shop, &payments)?)
-            .start()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let definition = orders::definition(shop, &payments)?;
+        let name = format!("instance-{id}");
+        let executor = match &shop.saga_log {
+            SagaLog::Sqlite(log) => Sagas::Sqlite(
+                Executor::builder(log.clone())
+                    .name(name)
+                    .register(definition)
+                    .start()
+                    .map_err(config_error)?,
+            ),
+            SagaLog::Pg(log) => Sagas::Pg(
+                Executor::builder(log.clone())
+                    .name(name)
+                    .register(definition)
+                    .start()
+                    .map_err(config_error)?,
+            ),
+        };
         let inner = Arc::new(InstanceInner {
             id,
             shop: Arc::clone(shop),

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::api::{Envelope, Product, RYW_HEADER};
+use crate::api::{Envelope, LSN_HEADER, Product, RYW_HEADER};
 use crate::{Instance, Shop};
 
 /// How to drive the load.
@@ -21,10 +21,13 @@ pub struct LoadConfig {
     pub tenants: usize,
     /// Products created per tenant before the load.
     pub products_per_tenant: usize,
-    /// Take the payment provider down for the middle fifth of the run.
+    /// Take the payment provider down from 35 % to 65 % of the run.
     pub payment_outage: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// On real servers: pause Redis (SIGSTOP) for the second tenth of the run and stop WAL replay
+    /// on one replica from 60 % to 80 % of it.
+    pub chaos: bool,
 }
 
 impl Default for LoadConfig {
@@ -36,6 +39,7 @@ impl Default for LoadConfig {
             products_per_tenant: 20,
             payment_outage: true,
             progress: true,
+            chaos: false,
         }
     }
 }
@@ -264,8 +268,8 @@ pub async fn run(
             let key = format!("client-{c}");
             while !stop.load(Ordering::Relaxed) {
                 one_operation(&client, &tenants, &key).await;
-                // Well-behaved: at most ~50 requests a second per key.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Well-behaved: at most ~20 requests a second per key.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));
     }
@@ -296,13 +300,45 @@ pub async fn run(
         indicatif::ProgressBar::hidden()
     };
     let mut outage = false;
+    let (mut redis_paused, mut replay_paused) = (false, false);
+    let servers = if config.chaos {
+        shop.servers.as_ref()
+    } else {
+        None
+    };
     while started.elapsed() < config.duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let f = started.elapsed().as_secs_f64() / config.duration.as_secs_f64().max(0.001);
-        let want = config.payment_outage && (0.4..0.6).contains(&f);
+        let want = config.payment_outage && (0.35..0.65).contains(&f);
         if want != outage {
             shop.payment.set_down(want);
             outage = want;
+        }
+        if let Some(servers) = servers {
+            let want = (0.1..0.2).contains(&f);
+            if want != redis_paused {
+                let r = if want {
+                    servers.redis.pause()
+                } else {
+                    servers.redis.resume()
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "chaos: Redis pause/resume failed");
+                }
+                redis_paused = want;
+            }
+            let want = (0.6..0.8).contains(&f);
+            if want != replay_paused {
+                let r = if want {
+                    servers.postgres.pause_replay(0)
+                } else {
+                    servers.postgres.resume_replay(0)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "chaos: replay pause/resume failed");
+                }
+                replay_paused = want;
+            }
         }
         bar.set_position(started.elapsed().as_secs());
         bar.set_message(format!(
@@ -311,6 +347,14 @@ pub async fn run(
         ));
     }
     shop.payment.set_down(false);
+    if let Some(servers) = servers {
+        if redis_paused {
+            let _ = servers.redis.resume();
+        }
+        if replay_paused {
+            let _ = servers.postgres.resume_replay(0);
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -412,6 +456,19 @@ async fn create(client: &Client, tenant: &Tenant, instance: usize, n: usize) -> 
     body.json::<Envelope<Product>>()?.data.map(|p| p.id)
 }
 
+/// `req` carrying the read-your-writes headers a write answered with.
+fn with_tokens(
+    mut req: reqwest::RequestBuilder,
+    written: &reqwest::header::HeaderMap,
+) -> reqwest::RequestBuilder {
+    for name in [RYW_HEADER, LSN_HEADER] {
+        if let Some(v) = written.get(name) {
+            req = req.header(name, v.clone());
+        }
+    }
+    req
+}
+
 /// One operation of a well-behaved client, picked by weight.
 async fn one_operation(client: &Client, tenants: &[Arc<Tenant>], key: &str) {
     let tenant = &tenants[fastrand::usize(..tenants.len())];
@@ -445,15 +502,8 @@ async fn one_operation(client: &Client, tenants: &[Arc<Tenant>], key: &str) {
             let Some(written) = body.json::<Envelope<Product>>().and_then(|e| e.data) else {
                 return;
             };
-            let token = headers.get(RYW_HEADER).cloned();
-            let mut req = auth(
-                client
-                    .http
-                    .get(format!("{}/products/{id}", client.bases[other])),
-            );
-            if let Some(t) = token {
-                req = req.header(RYW_HEADER, t);
-            }
+            let url = format!("{}/products/{id}", client.bases[other]);
+            let req = with_tokens(auth(client.http.get(url)), &headers);
             client.tally.ryw_checks.fetch_add(1, Ordering::Relaxed);
             let fresh = match client.send(req).await {
                 Some((200, _, body)) => body
@@ -487,14 +537,8 @@ async fn one_operation(client: &Client, tenants: &[Arc<Tenant>], key: &str) {
             else {
                 return;
             };
-            let mut req = auth(
-                client
-                    .http
-                    .get(format!("{}/products/{id}", client.bases[other])),
-            );
-            if let Some(t) = headers.get(RYW_HEADER) {
-                req = req.header(RYW_HEADER, t.clone());
-            }
+            let url = format!("{}/products/{id}", client.bases[other]);
+            let req = with_tokens(auth(client.http.get(url)), &headers);
             client.tally.ryw_checks.fetch_add(1, Ordering::Relaxed);
             if let Some((200, _, _)) = client.send(req).await {
                 client.tally.ryw_violations.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,12 @@ const USAGE: &str =
 
   (no flags)      start 2 instances on embedded SQLite and in-memory stores, drive a mixed load
                   for 10 s, print a report, exit 0 when the run kept every promise
+  --real          run on real servers the testkit starts: PostgreSQL primary + 2 streaming
+                  replicas (a database per shard, reads through the replica router) and Redis
+                  (cache L2 and invalidation bus, shared rate limits); needs postgresql and
+                  redis-server installed (scripts/test installs them)
+  --chaos         with --real: Redis paused (SIGSTOP) for the second tenth of the run, WAL replay
+                  stopped on one replica from 60 % to 80 % (the payment outage runs anyway)
   --duration S    seconds of load (default 10)
   --instances N   service instances in this process, sharing the stores (default 2, at most 16)
   --serve         keep serving after the load (Ctrl-C stops); the status page is at /
@@ -18,6 +24,8 @@ const USAGE: &str =
   --no-load       with --serve: serve only";
 
 struct Args {
+    real: bool,
+    chaos: bool,
     duration: Duration,
     instances: usize,
     serve: bool,
@@ -28,6 +36,8 @@ struct Args {
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
+        real: false,
+        chaos: false,
         duration: Duration::from_secs(10),
         instances: 2,
         serve: false,
@@ -62,11 +72,16 @@ fn parse() -> Result<Args, String> {
                     .map_err(|_| "--port takes a port number".to_owned())?
             }
             "--serve" => a.serve = true,
+            "--real" => a.real = true,
+            "--chaos" => a.chaos = true,
             "--json" => a.json = true,
             "--no-load" => a.load = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
+    }
+    if a.chaos && !a.real {
+        return Err("--chaos needs --real (it pauses real servers)".into());
     }
     if !a.load && !a.serve {
         return Err("--no-load only makes sense with --serve".into());
@@ -105,7 +120,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode, storefront::Error> {
-    let shop = Shop::embedded(ShopConfig::default()).await?;
+    let shop = if args.real {
+        if !args.json {
+            println!(
+                "starting PostgreSQL (primary + 2 streaming replicas) and Redis from the testkit"
+            );
+        }
+        Shop::real(ShopConfig::default()).await?
+    } else {
+        Shop::embedded(ShopConfig::default()).await?
+    };
     let mut instances = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..args.instances {
@@ -128,6 +152,7 @@ async fn run(args: Args) -> Result<ExitCode, storefront::Error> {
         let config = LoadConfig {
             duration: args.duration,
             progress: !args.json,
+            chaos: args.chaos,
             ..LoadConfig::default()
         };
         let report = load::run(&shop, &instances, &addrs, &config).await?;

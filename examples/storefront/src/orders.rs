@@ -11,6 +11,7 @@ use stanchion_shard_router::Key;
 
 use crate::Shop;
 use crate::payment::{self, PaymentError};
+use crate::store::Reserve;
 
 /// The saga's name.
 pub(crate) const ORDER_SAGA: &str = "place-order";
@@ -57,7 +58,7 @@ pub(crate) fn definition(shop: &Arc<Shop>, payments: &Pipeline) -> Result<SagaDe
         .map_err(|e| crate::Error::Config(e.to_string()))
 }
 
-fn db_error(e: sqlx::Error) -> StepError {
+fn db_error(e: crate::store::StoreError) -> StepError {
     StepError::transient(format!("database: {e}"))
 }
 
@@ -69,70 +70,29 @@ async fn reserve(shop: Arc<Shop>, ctx: StepContext) -> Result<serde_json::Value,
         return Err(StepError::permanent("quantity must be positive"));
     }
     let shard = shop.shards.route(Key::from(input.tenant.as_str())).target;
-    let mut tx = shard.pool.begin().await.map_err(db_error)?;
-    let recorded = sqlx::query(
-        "INSERT INTO reservations (order_id, tenant, product_id, qty) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(ctx.saga_id().as_str())
-    .bind(&input.tenant)
-    .bind(input.product_id)
-    .bind(input.qty)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let price: Option<i64> = if recorded.rows_affected() == 1 {
-        let taken = sqlx::query_scalar::<_, i64>(
-            "UPDATE products SET stock = stock - ? WHERE tenant = ? AND id = ? \
-             AND deleted_at IS NULL AND stock >= ? RETURNING price_cents",
+    match shard
+        .reserve(
+            ctx.saga_id().as_str(),
+            &input.tenant,
+            input.product_id,
+            input.qty,
         )
-        .bind(input.qty)
-        .bind(&input.tenant)
-        .bind(input.product_id)
-        .bind(input.qty)
-        .fetch_optional(&mut *tx)
         .await
-        .map_err(db_error)?;
-        if taken.is_none() {
-            // Rolled back: no reservation, no stock change.
-            return Err(StepError::permanent("out of stock or no such product"));
-        }
-        taken
-    } else {
-        sqlx::query_scalar("SELECT price_cents FROM products WHERE tenant = ? AND id = ?")
-            .bind(&input.tenant)
-            .bind(input.product_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_error)?
-    };
-    tx.commit().await.map_err(db_error)?;
-    let price = price.ok_or_else(|| StepError::permanent("product vanished"))?;
-    Ok(json!({ "amount_cents": price.saturating_mul(input.qty) }))
+        .map_err(db_error)?
+    {
+        Reserve::Held(amount_cents) => Ok(json!({ "amount_cents": amount_cents })),
+        Reserve::Unavailable => Err(StepError::permanent("out of stock or no such product")),
+    }
 }
 
 /// Gives the stock back once: the reservation is marked released in the same transaction.
 async fn release(shop: Arc<Shop>, ctx: StepContext) -> Result<(), StepError> {
     let input: OrderInput = ctx.input()?;
     let shard = shop.shards.route(Key::from(input.tenant.as_str())).target;
-    let mut tx = shard.pool.begin().await.map_err(db_error)?;
-    let qty: Option<i64> = sqlx::query_scalar(
-        "UPDATE reservations SET released = 1 WHERE order_id = ? AND released = 0 RETURNING qty",
-    )
-    .bind(ctx.saga_id().as_str())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if let Some(qty) = qty {
-        sqlx::query("UPDATE products SET stock = stock + ? WHERE tenant = ? AND id = ?")
-            .bind(qty)
-            .bind(&input.tenant)
-            .bind(input.product_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-    }
-    tx.commit().await.map_err(db_error)
+    shard
+        .release(ctx.saga_id().as_str(), &input.tenant, input.product_id)
+        .await
+        .map_err(db_error)
 }
 
 /// Charges through the instance's breaker, retry and timeout. A decline or an open breaker

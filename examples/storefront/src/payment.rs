@@ -106,11 +106,11 @@ impl PaymentProvider {
 }
 
 /// The pipeline one instance calls the provider through: a count-window breaker (50 % of 20
-/// calls, at least 10), three attempts with backoff, 200 ms per attempt.
+/// calls, at least 5), three attempts with backoff, 200 ms per attempt.
 pub fn pipeline(name: &str) -> Result<Pipeline, crate::Error> {
     let policy = CountWindow::builder(20)
         .failure_rate(50.0)
-        .minimum_calls(10)
+        .minimum_calls(5)
         .build()
         .map_err(|e| crate::Error::Config(e.to_string()))?;
     let breaker = CircuitBreaker::builder()

@@ -13,18 +13,31 @@ use crate::{Instance, InstanceInner, Shop};
 pub(crate) const PAGE: &str = include_str!("../static/index.html");
 
 /// Events waiting in every shard's outbox.
-pub(crate) async fn outbox_depth(shop: &Shop) -> Result<i64, sqlx::Error> {
-    let mut depth = 0i64;
+pub(crate) async fn outbox_depth(shop: &Shop) -> Result<i64, crate::store::StoreError> {
+    let mut depth = 0u64;
     for shard in &shop.shard_list {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}_outbox WHERE published_us IS NULL AND dead_us IS NULL",
-            crate::OUTBOX_NAMESPACE
-        )))
-        .fetch_one(&shard.pool)
-        .await?;
-        depth = depth.saturating_add(n);
+        depth = depth.saturating_add(shard.outbox_stats().await?.depth);
     }
-    Ok(depth)
+    Ok(i64::try_from(depth).unwrap_or(i64::MAX))
+}
+
+/// The largest replay lag of any replica behind any shard's router, in milliseconds (`None` on
+/// the embedded default, which has no replicas).
+fn replica_lag_ms(shop: &Shop) -> Option<u64> {
+    let mut worst: Option<u64> = None;
+    for shard in &shop.shard_list {
+        if let crate::store::Shard::Pg { router, .. } = shard {
+            for node in router.status() {
+                if let Some(lag) = node.lag {
+                    let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+                    worst = Some(worst.map_or(ms, |w| w.max(ms)));
+                } else if node.role == stanchion_replica_router::Role::Replica {
+                    worst = Some(worst.unwrap_or(0));
+                }
+            }
+        }
+    }
+    worst
 }
 
 /// One instance's figures.
@@ -75,8 +88,10 @@ pub struct ShopStatus {
     pub events_applied: u64,
     /// Redeliveries the inbox recognised.
     pub events_duplicate: u64,
-    /// Replica lag: no replicas in embedded mode.
+    /// The worst replica replay lag behind any shard, milliseconds (none when embedded).
     pub replica_lag_ms: Option<u64>,
+    /// Replicas the routers currently send reads to, over all shards.
+    pub replicas_admitted: usize,
 }
 
 fn ratio(hits: u64, misses: u64) -> f64 {
@@ -133,7 +148,19 @@ pub async fn shop_status(shop: &Shop) -> ShopStatus {
         publish_p99_us: p99,
         events_applied: shop.counters.events_applied.load(Ordering::Relaxed),
         events_duplicate: shop.counters.events_duplicate.load(Ordering::Relaxed),
-        replica_lag_ms: None,
+        replica_lag_ms: replica_lag_ms(shop),
+        replicas_admitted: shop
+            .shard_list
+            .iter()
+            .map(|s| match s {
+                crate::store::Shard::Pg { router, .. } => router
+                    .status()
+                    .iter()
+                    .filter(|n| n.role == stanchion_replica_router::Role::Replica && n.admitted)
+                    .count(),
+                crate::store::Shard::Sqlite { .. } => 0,
+            })
+            .sum(),
     }
 }
 
@@ -153,11 +180,11 @@ pub(crate) async fn ready(State(instance): State<Instance>) -> Response {
     let shop = &instance.inner.shop;
     let mut problems = Vec::new();
     for shard in &shop.shard_list {
-        if sqlx::query("SELECT 1").execute(&shard.pool).await.is_err() {
-            problems.push(format!("shard {} database", shard.index));
+        if !shard.ping().await {
+            problems.push(format!("shard {} database", shard.index()));
         }
     }
-    if sqlx::query("SELECT 1").execute(&shop.orders).await.is_err() {
+    if !shop.orders.ping().await {
         problems.push("orders database".to_owned());
     }
     if shop.relays.lock().await.iter().any(|r| r.is_finished()) {

@@ -607,7 +607,7 @@ async fn the_built_in_load_keeps_every_promise() {
         .map(|b| b.trim_start_matches("http://").parse().unwrap())
         .collect();
     let config = storefront::load::LoadConfig {
-        duration: Duration::from_secs(3),
+        duration: Duration::from_secs(8),
         progress: false,
         ..storefront::load::LoadConfig::default()
     };
