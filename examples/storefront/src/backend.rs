@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use stanchion_outbox::{ChannelPublisher, PgOutbox, RelayHandle, RelayStats, SqliteOutbox};
+use stanchion_outbox::{
+    ChannelPublisher, JetStreamPublisher, PgOutbox, RelayHandle, RelayStats, SqliteOutbox,
+};
 use stanchion_ratelimit::{LocalLimiter, RateLimiter, RedisStore};
 use stanchion_saga::{
     Executor, ExecutorStats, PgSagaLog, SagaError, SagaId, SagaRecord, SqliteSagaLog,
@@ -128,6 +130,7 @@ pub(crate) enum Limiters {
 pub(crate) enum RelayRun {
     Sqlite(RelayHandle<SqliteOutbox, ChannelPublisher>),
     Pg(RelayHandle<PgOutbox, ChannelPublisher>),
+    PgJetStream(RelayHandle<PgOutbox, JetStreamPublisher>),
 }
 
 impl RelayRun {
@@ -135,6 +138,7 @@ impl RelayRun {
         match self {
             Self::Sqlite(r) => r.stats(),
             Self::Pg(r) => r.stats(),
+            Self::PgJetStream(r) => r.stats(),
         }
     }
 
@@ -142,6 +146,7 @@ impl RelayRun {
         match self {
             Self::Sqlite(r) => r.is_finished(),
             Self::Pg(r) => r.is_finished(),
+            Self::PgJetStream(r) => r.is_finished(),
         }
     }
 
@@ -149,6 +154,7 @@ impl RelayRun {
         let _ = match self {
             Self::Sqlite(r) => r.shutdown(timeout).await,
             Self::Pg(r) => r.shutdown(timeout).await,
+            Self::PgJetStream(r) => r.shutdown(timeout).await,
         };
     }
 }

@@ -163,7 +163,13 @@ pub(crate) struct Parts {
     pub(crate) saga_log: SagaLog,
     pub(crate) cache: L2,
     pub(crate) limiters: Limiters,
+    /// JetStream for the product events (`--real`); in-process channels otherwise.
+    pub(crate) nats: Option<async_nats::jetstream::Context>,
 }
+
+/// The JetStream stream of product events and the subject prefix it covers.
+pub(crate) const EVENT_STREAM: &str = "STOREFRONT_PRODUCTS";
+pub(crate) const EVENT_SUBJECTS: &str = "storefront.products";
 
 impl Shop {
     /// The embedded default: SQLite files in a temporary directory, in-memory L2 and limiter
@@ -210,6 +216,7 @@ impl Shop {
                 by_key: local(quota(config.per_key_per_second)?)?,
                 by_ip: local(quota(config.per_ip_per_second)?)?,
             },
+            nats: None,
         };
         Self::assemble(config, parts).await
     }
@@ -247,46 +254,86 @@ impl Shop {
             counters: ShopCounters::default(),
             metrics: install_metrics(),
         });
-        shop.start_relays().await?;
+        shop.start_relays(parts.nats).await?;
         Ok(shop)
     }
 
-    /// One relay per shard outbox, each publishing to its own channel, and one consumer per
-    /// channel keeping the search table current through the inbox.
-    async fn start_relays(self: &Arc<Self>) -> Result<(), Error> {
+    /// One relay per shard outbox. Embedded: each publishes to its own channel, read by a
+    /// consumer of its own. Real: all publish to one JetStream stream (dedup ids carry the shard),
+    /// read by one durable consumer. Consumers keep the search table through the inbox.
+    async fn start_relays(
+        self: &Arc<Self>,
+        nats: Option<async_nats::jetstream::Context>,
+    ) -> Result<(), Error> {
         let mut relays = self.relays.lock().await;
         let mut consumers = self.consumers.lock().await;
+        let started = |e: stanchion_outbox::RelayError| Error::Start(format!("outbox relay: {e}"));
         for shard in &self.shard_list {
-            let (publisher, rx) = ChannelPublisher::new(1024);
             let name = format!("relay-shard-{}", shard.index());
-            let failed = |e: stanchion_outbox::RelayError| Error::Start(format!("{name}: {e}"));
-            let relay = match shard {
-                Shard::Sqlite { outbox, .. } => RelayRun::Sqlite(
-                    Relay::builder(outbox.clone(), publisher)
-                        .name(name.clone())
-                        .poll_interval(Duration::from_millis(50))
-                        .build()
-                        .map_err(config_error)?
-                        .start()
+            let source = format!("shard-{}", shard.index());
+            let relay = match (shard, &nats) {
+                (Shard::Pg { outbox, .. }, Some(js)) => {
+                    let publisher =
+                        stanchion_outbox::JetStreamPublisher::new(js.clone(), EVENT_SUBJECTS)
+                            .source(source);
+                    publisher
+                        .ensure_stream(EVENT_STREAM, Duration::from_secs(120))
                         .await
-                        .map_err(failed)?,
-                ),
-                Shard::Pg { outbox, .. } => RelayRun::Pg(
-                    Relay::builder(outbox.clone(), publisher)
-                        .name(name.clone())
-                        .poll_interval(Duration::from_millis(200))
-                        .build()
-                        .map_err(config_error)?
-                        .start()
-                        .await
-                        .map_err(failed)?,
-                ),
+                        .map_err(|e| Error::Start(format!("JetStream stream: {e}")))?;
+                    RelayRun::PgJetStream(
+                        Relay::builder(outbox.clone(), publisher)
+                            .name(name)
+                            .poll_interval(Duration::from_millis(200))
+                            .build()
+                            .map_err(config_error)?
+                            .start()
+                            .await
+                            .map_err(started)?,
+                    )
+                }
+                (Shard::Pg { outbox, .. }, None) => {
+                    let (publisher, rx) = ChannelPublisher::new(1024);
+                    consumers.push(tokio::spawn(events::consume(Arc::clone(self), source, rx)));
+                    RelayRun::Pg(
+                        Relay::builder(outbox.clone(), publisher)
+                            .name(name)
+                            .poll_interval(Duration::from_millis(200))
+                            .build()
+                            .map_err(config_error)?
+                            .start()
+                            .await
+                            .map_err(started)?,
+                    )
+                }
+                (Shard::Sqlite { outbox, .. }, _) => {
+                    let (publisher, rx) = ChannelPublisher::new(1024);
+                    consumers.push(tokio::spawn(events::consume(Arc::clone(self), source, rx)));
+                    RelayRun::Sqlite(
+                        Relay::builder(outbox.clone(), publisher)
+                            .name(name)
+                            .poll_interval(Duration::from_millis(50))
+                            .build()
+                            .map_err(config_error)?
+                            .start()
+                            .await
+                            .map_err(started)?,
+                    )
+                }
             };
             relays.push(relay);
-            consumers.push(tokio::spawn(events::consume(
+        }
+        if let Some(js) = &nats {
+            let consumer = stanchion_outbox::JetStreamConsumer::durable(
+                js,
+                EVENT_STREAM,
+                "search",
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| Error::Start(format!("JetStream consumer: {e}")))?;
+            consumers.push(tokio::spawn(events::consume_jetstream(
                 Arc::clone(self),
-                format!("shard-{}", shard.index()),
-                rx,
+                consumer,
             )));
         }
         Ok(())

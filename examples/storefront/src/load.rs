@@ -25,8 +25,8 @@ pub struct LoadConfig {
     pub payment_outage: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
-    /// On real servers: pause Redis (SIGSTOP) for the second tenth of the run and stop WAL replay
-    /// on one replica from 60 % to 80 % of it.
+    /// On real servers: pause Redis (SIGSTOP) for the second tenth of the run, NATS for the
+    /// fourth, and stop WAL replay on one replica from 60 % to 80 % of it.
     pub chaos: bool,
 }
 
@@ -304,7 +304,7 @@ pub async fn run(
         indicatif::ProgressBar::hidden()
     };
     let mut outage = false;
-    let (mut redis_paused, mut replay_paused) = (false, false);
+    let (mut redis_paused, mut nats_paused, mut replay_paused) = (false, false, false);
     let servers = if config.chaos {
         shop.servers.as_ref()
     } else {
@@ -331,6 +331,18 @@ pub async fn run(
                 }
                 redis_paused = want;
             }
+            let want = (0.3..0.4).contains(&f);
+            if want != nats_paused {
+                let r = if want {
+                    servers.nats.pause()
+                } else {
+                    servers.nats.resume()
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "chaos: NATS pause/resume failed");
+                }
+                nats_paused = want;
+            }
             let want = (0.6..0.8).contains(&f);
             if want != replay_paused {
                 let r = if want {
@@ -354,6 +366,9 @@ pub async fn run(
     if let Some(servers) = servers {
         if redis_paused {
             let _ = servers.redis.resume();
+        }
+        if nats_paused {
+            let _ = servers.nats.resume();
         }
         if replay_paused {
             let _ = servers.postgres.resume_replay(0);

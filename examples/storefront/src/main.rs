@@ -11,11 +11,13 @@ const USAGE: &str =
   (no flags)      start 2 instances on embedded SQLite and in-memory stores, drive a mixed load
                   for 10 s, print a report, exit 0 when the run kept every promise
   --real          run on real servers the testkit starts: PostgreSQL primary + 2 streaming
-                  replicas (a database per shard, reads through the replica router) and Redis
-                  (cache L2 and invalidation bus, shared rate limits); needs postgresql and
-                  redis-server installed (scripts/test installs them)
-  --chaos         with --real: Redis paused (SIGSTOP) for the second tenth of the run, WAL replay
-                  stopped on one replica from 60 % to 80 % (the payment outage runs anyway)
+                  replicas (a database per shard, reads through the replica router), Redis
+                  (cache L2 and invalidation bus, shared rate limits) and NATS JetStream (product
+                  events); needs postgresql, redis-server and nats-server (scripts/test installs
+                  them)
+  --chaos         with --real: Redis paused (SIGSTOP) for the second tenth of the run, NATS for
+                  the fourth, WAL replay stopped on one replica from 60 % to 80 % (the payment
+                  outage runs anyway)
   --duration S    seconds of load (default 10)
   --instances N   service instances in this process, sharing the stores (default 2, at most 16)
   --serve         keep serving after the load (Ctrl-C stops); the status page is at /

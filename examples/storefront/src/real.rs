@@ -7,7 +7,7 @@ use stanchion_outbox::{PgInbox, PgOutbox};
 use stanchion_ratelimit::{Limits, RateLimiter, RedisStore};
 use stanchion_replica_router::ReplicaRouter;
 use stanchion_saga::PgSagaLog;
-use stanchion_testkit::{PostgresCluster, RedisServer, TestDatabase};
+use stanchion_testkit::{NatsServer, PostgresCluster, RedisServer, TestDatabase};
 use stanchion_tiered_cache::RedisCacheStore;
 
 use crate::backend::{Limiters, SagaLog};
@@ -21,6 +21,8 @@ pub struct RealServers {
     pub postgres: PostgresCluster,
     /// Redis.
     pub redis: RedisServer,
+    /// NATS with JetStream.
+    pub nats: NatsServer,
 }
 
 fn start_error(what: &str) -> impl Fn(String) -> Error + '_ {
@@ -51,15 +53,22 @@ async fn run_schema(router: &ReplicaRouter, schema: String) -> Result<(), Error>
 }
 
 pub(crate) async fn parts(config: &ShopConfig) -> Result<Parts, Error> {
-    let (postgres, redis) = tokio::task::spawn_blocking(|| {
+    let (postgres, redis, nats) = tokio::task::spawn_blocking(|| {
         let pg = PostgresCluster::start(2).map_err(|e| e.to_string());
         let redis = RedisServer::start().map_err(|e| e.to_string());
-        (pg, redis)
+        let nats = NatsServer::start().map_err(|e| e.to_string());
+        (pg, redis, nats)
     })
     .await
     .map_err(|e| Error::Start(e.to_string()))?;
     let postgres = postgres.map_err(start_error("PostgreSQL"))?;
     let redis = redis.map_err(start_error("Redis"))?;
+    let nats = nats.map_err(start_error("NATS"))?;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .map_err(|e| Error::Start(format!("NATS: {e}")))?,
+    );
     let outbox_config = crate::outbox_config()?;
 
     let mut shard_list = Vec::with_capacity(config.shards);
@@ -126,7 +135,12 @@ pub(crate) async fn parts(config: &ShopConfig) -> Result<Parts, Error> {
             Some(client),
             "storefront:",
         )),
-        servers: Some(RealServers { postgres, redis }),
+        servers: Some(RealServers {
+            postgres,
+            redis,
+            nats,
+        }),
+        nats: Some(js),
         shard_list,
         orders: OrdersDb::Pg {
             router: orders,

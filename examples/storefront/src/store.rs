@@ -442,14 +442,13 @@ pub(crate) enum OrdersDb {
 
 impl OrdersDb {
     /// Applies a product event to the search table once; `false` for a redelivery.
-    pub(crate) async fn apply(&self, source: &str, message: &Message) -> Result<bool, StoreError> {
+    pub(crate) async fn apply(&self, id: &str, message: &Message) -> Result<bool, StoreError> {
         let event: ProductEvent = serde_json::from_slice(&message.payload)
             .map_err(|e| StoreError::Event(e.to_string()))?;
-        let id = message.dedup_id(source);
         let deleted = message.event_type == "product.deleted";
         macro_rules! run {
             ($tx:expr, $inbox:expr, $lite:expr) => {{
-                if !$inbox.first_delivery(&mut $tx, "search", &id).await? {
+                if !$inbox.first_delivery(&mut $tx, "search", id).await? {
                     return Ok(false);
                 }
                 if deleted {
