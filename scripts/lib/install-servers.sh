@@ -13,6 +13,8 @@ need_bin initdb || missing+=(postgresql)
 need_bin pg_basebackup || missing+=(postgresql)
 need_bin psql || missing+=(postgresql-client)
 need_bin nats-server || missing+=(nats-server)
+# Headless Chromium loads the storefront's status page in its test.
+need_bin chromium || missing+=(chromium)
 if ((${#missing[@]})); then
   # shellcheck disable=SC2207
   missing=($(printf '%s\n' "${missing[@]}" | sort -u))
