@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::api::Product;
 pub use crate::payment::{PaymentConfig, PaymentProvider};
-pub use crate::real::RealServers;
+pub use crate::real::{RealServers, ServerUrls};
 
 use crate::backend::{Limiters, ProductCache, RelayRun, SagaLog, Sagas};
 use crate::store::{OrdersDb, Shard};
@@ -226,8 +226,15 @@ impl Shop {
     /// cache's L2 and bus, the shared limiters). Needs `postgres` and `redis-server` installed
     /// (`scripts/test` installs them).
     pub async fn real(config: ShopConfig) -> Result<Arc<Self>, Error> {
+        Self::connect(config, ServerUrls::default()).await
+    }
+
+    /// Like [`real`](Self::real), on the servers `urls` names; the testkit starts the others.
+    /// The shop creates its databases on the PostgreSQL primary if they do not exist
+    /// (`storefront_shard_N`, `storefront_orders`) and keeps what they hold.
+    pub async fn connect(config: ShopConfig, urls: ServerUrls) -> Result<Arc<Self>, Error> {
         check(&config)?;
-        let parts = real::parts(&config).await?;
+        let parts = real::parts(&config, urls).await?;
         Self::assemble(config, parts).await
     }
 

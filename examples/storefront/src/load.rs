@@ -321,10 +321,10 @@ pub async fn run(
         if let Some(servers) = servers {
             let want = (0.1..0.2).contains(&f);
             if want != redis_paused {
-                let r = if want {
-                    servers.redis.pause()
-                } else {
-                    servers.redis.resume()
+                let r = match &servers.redis {
+                    Some(r) if want => r.pause(),
+                    Some(r) => r.resume(),
+                    None => Ok(()),
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "chaos: Redis pause/resume failed");
@@ -333,10 +333,10 @@ pub async fn run(
             }
             let want = (0.3..0.4).contains(&f);
             if want != nats_paused {
-                let r = if want {
-                    servers.nats.pause()
-                } else {
-                    servers.nats.resume()
+                let r = match &servers.nats {
+                    Some(n) if want => n.pause(),
+                    Some(n) => n.resume(),
+                    None => Ok(()),
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "chaos: NATS pause/resume failed");
@@ -345,10 +345,10 @@ pub async fn run(
             }
             let want = (0.6..0.8).contains(&f);
             if want != replay_paused {
-                let r = if want {
-                    servers.postgres.pause_replay(0)
-                } else {
-                    servers.postgres.resume_replay(0)
+                let r = match &servers.postgres {
+                    Some(p) if want => p.pause_replay(0),
+                    Some(p) => p.resume_replay(0),
+                    None => Ok(()),
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "chaos: replay pause/resume failed");
@@ -364,14 +364,14 @@ pub async fn run(
     }
     shop.payment.set_down(false);
     if let Some(servers) = servers {
-        if redis_paused {
-            let _ = servers.redis.resume();
+        if let (true, Some(r)) = (redis_paused, &servers.redis) {
+            let _ = r.resume();
         }
-        if nats_paused {
-            let _ = servers.nats.resume();
+        if let (true, Some(n)) = (nats_paused, &servers.nats) {
+            let _ = n.resume();
         }
-        if replay_paused {
-            let _ = servers.postgres.resume_replay(0);
+        if let (true, Some(p)) = (replay_paused, &servers.postgres) {
+            let _ = p.resume_replay(0);
         }
     }
     stop.store(true, Ordering::Relaxed);

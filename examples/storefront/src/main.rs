@@ -18,6 +18,12 @@ const USAGE: &str =
   --chaos         with --real: Redis paused (SIGSTOP) for the second tenth of the run, NATS for
                   the fourth, WAL replay stopped on one replica from 60 % to 80 % (the payment
                   outage runs anyway)
+  --database-url  use your PostgreSQL primary (implies --real; the shop creates the databases
+                  storefront_shard_N and storefront_orders on it if missing, so CREATEDB is needed)
+  --replica-url   a streaming replica of that primary (repeat for each)
+  --redis-url     use your Redis (implies --real)
+  --nats-url      use your NATS with JetStream (implies --real)
+                  servers not given by URL are started by the testkit
   --duration S    seconds of load (default 10)
   --instances N   service instances in this process, sharing the stores (default 2, at most 16)
   --serve         keep serving after the load (Ctrl-C stops); the status page is at /
@@ -27,6 +33,7 @@ const USAGE: &str =
 
 struct Args {
     real: bool,
+    urls: storefront::ServerUrls,
     chaos: bool,
     duration: Duration,
     instances: usize,
@@ -39,6 +46,7 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         real: false,
+        urls: storefront::ServerUrls::default(),
         chaos: false,
         duration: Duration::from_secs(10),
         instances: 2,
@@ -76,11 +84,27 @@ fn parse() -> Result<Args, String> {
             "--serve" => a.serve = true,
             "--real" => a.real = true,
             "--chaos" => a.chaos = true,
+            "--database-url" => a.urls.database = Some(value("--database-url")?),
+            "--replica-url" => a.urls.replicas.push(value("--replica-url")?),
+            "--redis-url" => a.urls.redis = Some(value("--redis-url")?),
+            "--nats-url" => a.urls.nats = Some(value("--nats-url")?),
             "--json" => a.json = true,
             "--no-load" => a.load = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
+    }
+    let u = &a.urls;
+    if !u.replicas.is_empty() && u.database.is_none() {
+        return Err("--replica-url needs --database-url (the primary)".into());
+    }
+    if u.database.is_some() || u.redis.is_some() || u.nats.is_some() {
+        if a.chaos {
+            return Err(
+                "--chaos pauses the testkit's servers, not yours: leave out the URLs".into(),
+            );
+        }
+        a.real = true;
     }
     if a.chaos && !a.real {
         return Err("--chaos needs --real (it pauses real servers)".into());
@@ -128,7 +152,7 @@ async fn run(args: Args) -> Result<ExitCode, storefront::Error> {
                 "starting PostgreSQL (primary + 2 streaming replicas) and Redis from the testkit"
             );
         }
-        Shop::real(ShopConfig::default()).await?
+        Shop::connect(ShopConfig::default(), args.urls.clone()).await?
     } else {
         Shop::embedded(ShopConfig::default()).await?
     };
