@@ -32,6 +32,7 @@ pub use pg::{PgSagaLog, postgres_schema};
 pub use sqlite::{SqliteSagaLog, sqlite_schema};
 
 /// A namespace names tables: a plain lower-case identifier only.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn check_namespace(ns: &str) -> Result<(), DefinitionError> {
     let ok = !ns.is_empty()
         && ns.len() <= 40

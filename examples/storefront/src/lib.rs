@@ -125,6 +125,7 @@ pub struct Shop {
     pub(crate) consumers: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) counters: ShopCounters,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub(crate) health: Health,
 }
 
 /// The cache's shared second tier.
@@ -165,6 +166,15 @@ pub(crate) struct Parts {
     pub(crate) limiters: Limiters,
     /// JetStream for the product events (`--real`); in-process channels otherwise.
     pub(crate) nats: Option<async_nats::jetstream::Context>,
+    /// What `/health/ready` asks besides the databases (`--real`).
+    pub(crate) health: Health,
+}
+
+/// Connections `/health/ready` checks.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Health {
+    pub(crate) redis: Option<redis::aio::ConnectionManager>,
+    pub(crate) nats: Option<async_nats::Client>,
 }
 
 /// The JetStream stream of product events and the subject prefix it covers.
@@ -217,6 +227,7 @@ impl Shop {
                 by_ip: local(quota(config.per_ip_per_second)?)?,
             },
             nats: None,
+            health: Health::default(),
         };
         Self::assemble(config, parts).await
     }
@@ -260,6 +271,7 @@ impl Shop {
             consumers: Mutex::new(Vec::new()),
             counters: ShopCounters::default(),
             metrics: install_metrics(),
+            health: parts.health,
         });
         shop.start_relays(parts.nats).await?;
         Ok(shop)

@@ -189,11 +189,10 @@ pub(crate) async fn parts(config: &ShopConfig, urls: ServerUrls) -> Result<Parts
         .clone()
         .or_else(|| nats.as_ref().map(NatsServer::url))
         .unwrap_or_default();
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats_url)
-            .await
-            .map_err(|e| Error::Start(format!("NATS: {e}")))?,
-    );
+    let nats_client = async_nats::connect(nats_url)
+        .await
+        .map_err(|e| Error::Start(format!("NATS: {e}")))?;
+    let js = async_nats::jetstream::new(nats_client.clone());
     let outbox_config = crate::outbox_config()?;
 
     let mut shard_list = Vec::with_capacity(config.shards);
@@ -261,5 +260,9 @@ pub(crate) async fn parts(config: &ShopConfig, urls: ServerUrls) -> Result<Parts
         },
         saga_log: SagaLog::Pg(saga_log),
         nats: Some(js),
+        health: crate::Health {
+            redis: Some(manager),
+            nats: Some(nats_client),
+        },
     })
 }

@@ -1,6 +1,7 @@
 //! Health, Prometheus metrics, the status JSON and the live status page.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -186,6 +187,22 @@ pub(crate) async fn ready(State(instance): State<Instance>) -> Response {
     }
     if !shop.orders.ping().await {
         problems.push("orders database".to_owned());
+    }
+    if let Some(redis) = &shop.health.redis {
+        let mut conn = redis.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        if !matches!(
+            tokio::time::timeout(Duration::from_millis(500), ping).await,
+            Ok(Ok(_))
+        ) {
+            problems.push("redis".to_owned());
+        }
+    }
+    if let Some(nats) = &shop.health.nats
+        && nats.connection_state() != async_nats::connection::State::Connected
+    {
+        problems.push("nats".to_owned());
     }
     if shop.relays.lock().await.iter().any(|r| r.is_finished()) {
         problems.push("an outbox relay stopped".to_owned());

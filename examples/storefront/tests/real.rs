@@ -204,6 +204,21 @@ async fn deletes_and_orders_on_real_servers() {
         s.instances[0].saga_stats().parked + s.instances[1].saga_stats().parked,
         0
     );
+    // Readiness checks the databases, Redis and NATS: Redis frozen -> 503 naming it.
+    let ready = |i: usize| {
+        s.http
+            .get(format!("http://{}/health/ready", s.addrs[i]))
+            .send()
+    };
+    assert_eq!(ready(0).await.unwrap().status(), 200);
+    let redis = s.shop.servers.as_ref().unwrap().redis.as_ref().unwrap();
+    redis.pause().unwrap();
+    let r = ready(1).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data"]["failing"], json!(["redis"]), "{body}");
+    redis.resume().unwrap();
+    assert_eq!(ready(1).await.unwrap().status(), 200);
 }
 
 /// The built-in load with chaos: Redis paused, replay stopped on a replica, the payment provider
