@@ -286,7 +286,6 @@ impl Shop {
     ) -> Result<(), Error> {
         let mut relays = self.relays.lock().await;
         let mut consumers = self.consumers.lock().await;
-        let started = |e: stanchion_outbox::RelayError| Error::Start(format!("outbox relay: {e}"));
         for shard in &self.shard_list {
             let name = format!("relay-shard-{}", shard.index());
             let source = format!("shard-{}", shard.index());
@@ -299,44 +298,17 @@ impl Shop {
                         .ensure_stream(EVENT_STREAM, Duration::from_secs(120))
                         .await
                         .map_err(|e| Error::Start(format!("JetStream stream: {e}")))?;
-                    RelayRun::PgJetStream(
-                        Relay::builder(outbox.clone(), publisher)
-                            .name(name)
-                            .poll_interval(Duration::from_millis(200))
-                            .build()
-                            .map_err(config_error)?
-                            .start()
-                            .await
-                            .map_err(started)?,
-                    )
+                    RelayRun::PgJetStream(start_relay(outbox.clone(), publisher, name, 200).await?)
                 }
                 (Shard::Pg { outbox, .. }, None) => {
                     let (publisher, rx) = ChannelPublisher::new(1024);
                     consumers.push(tokio::spawn(events::consume(Arc::clone(self), source, rx)));
-                    RelayRun::Pg(
-                        Relay::builder(outbox.clone(), publisher)
-                            .name(name)
-                            .poll_interval(Duration::from_millis(200))
-                            .build()
-                            .map_err(config_error)?
-                            .start()
-                            .await
-                            .map_err(started)?,
-                    )
+                    RelayRun::Pg(start_relay(outbox.clone(), publisher, name, 200).await?)
                 }
                 (Shard::Sqlite { outbox, .. }, _) => {
                     let (publisher, rx) = ChannelPublisher::new(1024);
                     consumers.push(tokio::spawn(events::consume(Arc::clone(self), source, rx)));
-                    RelayRun::Sqlite(
-                        Relay::builder(outbox.clone(), publisher)
-                            .name(name)
-                            .poll_interval(Duration::from_millis(50))
-                            .build()
-                            .map_err(config_error)?
-                            .start()
-                            .await
-                            .map_err(started)?,
-                    )
+                    RelayRun::Sqlite(start_relay(outbox.clone(), publisher, name, 50).await?)
                 }
             };
             relays.push(relay);
@@ -411,6 +383,23 @@ impl Shop {
             consumer.abort();
         }
     }
+}
+
+/// A relay named `name` over `outbox`, polling every `poll_ms` between wake-ups.
+async fn start_relay<S: stanchion_outbox::OutboxStore, P: stanchion_outbox::Publisher>(
+    outbox: S,
+    publisher: P,
+    name: String,
+    poll_ms: u64,
+) -> Result<stanchion_outbox::RelayHandle<S, P>, Error> {
+    Relay::builder(outbox, publisher)
+        .name(name)
+        .poll_interval(Duration::from_millis(poll_ms))
+        .build()
+        .map_err(config_error)?
+        .start()
+        .await
+        .map_err(|e| Error::Start(format!("outbox relay: {e}")))
 }
 
 fn check(config: &ShopConfig) -> Result<(), Error> {
