@@ -181,19 +181,26 @@ impl Shard {
         request_id: &str,
     ) -> Result<Option<Written>, StoreError> {
         let now = crate::db::now_ms();
-        match self {
-            Self::Sqlite { pool, outbox, .. } => {
-                let mut tx = pool.begin().await?;
-                let q = sqlx::query_as::<_, Product>(sql(lite(&w.sql())));
+        // The row and its event in the caller's transaction `$tx`; `None` ends the write.
+        macro_rules! row_and_event {
+            ($tx:expr, $sql:expr, $outbox:expr) => {{
+                let q = sqlx::query_as::<_, Product>(sql($sql));
                 let Some(product) = bind_write!(q, w, tenant, now)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut *$tx)
                     .await?
                 else {
                     return Ok(None);
                 };
-                outbox
-                    .enqueue(&mut tx, &event_of(&product, w.event_type(), request_id)?)
+                $outbox
+                    .enqueue(&mut $tx, &event_of(&product, w.event_type(), request_id)?)
                     .await?;
+                product
+            }};
+        }
+        match self {
+            Self::Sqlite { pool, outbox, .. } => {
+                let mut tx = pool.begin().await?;
+                let product = row_and_event!(tx, lite(&w.sql()), outbox);
                 tx.commit().await?;
                 Ok(Some(Written {
                     product,
@@ -202,16 +209,7 @@ impl Shard {
             }
             Self::Pg { router, outbox, .. } => {
                 let mut tx = router.begin_write().await?;
-                let q = sqlx::query_as::<_, Product>(sql(w.sql()));
-                let Some(product) = bind_write!(q, w, tenant, now)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                else {
-                    return Ok(None);
-                };
-                outbox
-                    .enqueue(&mut tx, &event_of(&product, w.event_type(), request_id)?)
-                    .await?;
+                let product = row_and_event!(tx, w.sql(), outbox);
                 let token = router.commit(tx).await?;
                 Ok(Some(Written {
                     product,
