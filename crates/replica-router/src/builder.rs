@@ -173,6 +173,11 @@ impl ReplicaRouterBuilder {
     }
 
     /// Pool settings for every node (default 16 connections, 2 s acquire timeout).
+    ///
+    /// On the read pools the router sets its own `before_acquire` hook, which notes how old
+    /// each reused connection is so that token reads on connections older than the last known
+    /// replay position need no check query; a `before_acquire` hook set here applies to the
+    /// write pools only. `after_connect` and `after_release` hooks apply to every pool.
     pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
         self.pool = options;
         self
@@ -284,7 +289,11 @@ impl ReplicaRouterBuilder {
                 .clone()
                 .options([("default_transaction_read_only", "on")]);
             nodes.push(Node {
-                read_pool: self.pool.clone().connect_lazy_with(read_options),
+                read_pool: self
+                    .pool
+                    .clone()
+                    .before_acquire(crate::replayed::note_birth)
+                    .connect_lazy_with(read_options),
                 write_pool: RwLock::new(self.pool.clone().connect_lazy_with(options.clone())),
                 probe_pool: PgPoolOptions::new()
                     .max_connections(1)
@@ -300,7 +309,7 @@ impl ReplicaRouterBuilder {
                 ok_streak: AtomicU32::new(0),
                 in_flight: AtomicU32::new(0),
                 latency_us: AtomicU64::new(0),
-                replay_lsn: AtomicU64::new(0),
+                replayed: std::sync::Mutex::default(),
                 timeline: AtomicU32::new(0),
                 lag_bytes: AtomicU64::new(UNKNOWN),
                 lag_ms: AtomicU64::new(UNKNOWN),
@@ -316,6 +325,8 @@ impl ReplicaRouterBuilder {
             failover: tokio::sync::Mutex::new(()),
             searching: AtomicBool::new(false),
             searches: AtomicU64::new(0),
+            token_reads_known: AtomicU64::new(0),
+            token_reads_checked: AtomicU64::new(0),
             primary_up: AtomicBool::new(true),
             samples: std::sync::Mutex::default(),
             timeline: AtomicU32::new(0),

@@ -14,6 +14,8 @@ pub(crate) struct Probe {
     pub(crate) lsn: Option<Lsn>,
     /// Its timeline, if it could be read.
     pub(crate) timeline: Option<u32>,
+    /// When the query was sent.
+    pub(crate) asked_at: std::time::Instant,
 }
 
 /// The timeline in a WAL file name (its first eight hexadecimal digits).
@@ -122,6 +124,7 @@ impl Inner {
         let node = &self.nodes[i];
         let query = async {
             let mut conn = node.probe_pool.acquire().await?;
+            let asked_at = std::time::Instant::now();
             let (in_recovery, lsn, wal_file): (bool, Option<String>, Option<String>) =
                 sqlx::query_as(
                     "SELECT pg_is_in_recovery(), \
@@ -150,13 +153,14 @@ impl Inner {
             } else {
                 wal_file.as_deref().and_then(timeline_of_wal_file)
             };
-            Ok::<_, sqlx::Error>((in_recovery, lsn, timeline))
+            Ok::<_, sqlx::Error>((in_recovery, lsn, timeline, asked_at))
         };
         match tokio::time::timeout(self.config.probe_timeout, query).await {
-            Ok(Ok((in_recovery, lsn, timeline))) => Ok(Probe {
+            Ok(Ok((in_recovery, lsn, timeline, asked_at))) => Ok(Probe {
                 in_recovery,
                 lsn: lsn.as_deref().and_then(Lsn::parse),
                 timeline: timeline.filter(|&t| t != 0),
+                asked_at,
             }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.config.probe_timeout)),
@@ -216,10 +220,18 @@ impl Inner {
                 _ => 0,
             };
             node.timeline.store(timeline, Ordering::Release);
+            if let Some(Ok(Probe {
+                in_recovery: true,
+                lsn: Some(replay),
+                asked_at,
+                ..
+            })) = &result
+            {
+                node.note_replayed(replay.0, timeline, *asked_at);
+            }
             let (lag_bytes, lag_ms) = match (&result, primary_lsn) {
                 (Some(Ok(probe)), Some(primary)) if probe.in_recovery => match probe.lsn {
                     Some(replay) => {
-                        node.replay_lsn.fetch_max(replay.0, Ordering::AcqRel);
                         let bytes = primary.0.saturating_sub(replay.0);
                         // Equal positions mean no lag, however old the last replayed
                         // transaction is; otherwise, since the primary first went past it.

@@ -47,6 +47,7 @@ mod error;
 mod failover;
 mod health;
 mod policy;
+mod replayed;
 mod router;
 mod token;
 
@@ -56,5 +57,7 @@ pub use crate::error::{BuildError, RouteError};
 pub use crate::policy::{
     LeastInFlight, PowerOfTwo, Random, ReplicaPolicy, ReplicaSet, RoundRobin, Weighted,
 };
-pub use crate::router::{Consistency, Fallback, MAX_NODES, NodeStatus, ReplicaRouter, Role, Route};
+pub use crate::router::{
+    Consistency, Fallback, MAX_NODES, NodeStatus, ReplicaRouter, Role, Route, TokenReads,
+};
 pub use crate::token::{Lsn, SessionToken, TokenParseError, WriteToken};

@@ -14,6 +14,7 @@ use crate::conn::{InFlight, ReadConn};
 use crate::error::{RouteError, is_connection_error};
 use crate::health::{Samples, insert_position};
 use crate::policy::{ReplicaPolicy, ReplicaSet};
+use crate::replayed::acquire_noting_birth;
 use crate::token::{Lsn, SessionToken, WriteToken};
 
 /// Most nodes a router manages.
@@ -98,6 +99,18 @@ pub struct NodeStatus {
     pub primary_unreachable: bool,
 }
 
+/// Counts of token reads by how they were routed (see [`ReplicaRouter::token_reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TokenReads {
+    /// Routed to a connection older than a reading of its replica's replay position that
+    /// covers the token: no check query.
+    pub known: u64,
+    /// Connections on which `pg_last_wal_replay_lsn()` was asked first (the replica was not
+    /// known to be far enough, or the connection is newer than the last reading).
+    pub checked: u64,
+}
+
 pub(crate) struct Node {
     pub(crate) name: String,
     pub(crate) weight: u32,
@@ -112,7 +125,8 @@ pub(crate) struct Node {
     pub(crate) ok_streak: AtomicU32,
     pub(crate) in_flight: AtomicU32,
     pub(crate) latency_us: AtomicU64,
-    pub(crate) replay_lsn: AtomicU64,
+    /// Its last replay position read, and when (see `replayed.rs`).
+    pub(crate) replayed: std::sync::Mutex<crate::replayed::Replayed>,
     /// The node's timeline as the last probe saw it (0: unknown).
     pub(crate) timeline: AtomicU32,
     pub(crate) lag_bytes: AtomicU64,
@@ -131,6 +145,9 @@ pub(crate) struct Inner {
     pub(crate) searching: AtomicBool,
     /// Primary searches started, for tests and dashboards.
     pub(crate) searches: AtomicU64,
+    /// Token reads routed on a known replay position, and token reads that asked the replica.
+    pub(crate) token_reads_known: AtomicU64,
+    pub(crate) token_reads_checked: AtomicU64,
     /// The primary answered the last health round (see [`NodeStatus::primary_unreachable`]).
     pub(crate) primary_up: AtomicBool,
     pub(crate) samples: std::sync::Mutex<Samples>,
@@ -313,6 +330,15 @@ impl ReplicaRouter {
     }
 
     async fn acquire(&self, i: usize, fallback: bool) -> Result<ReadConn, RouteError> {
+        self.acquire_aged(i, fallback).await.map(|(conn, _)| conn)
+    }
+
+    /// A read connection on node `i` and, for a reused one, when it was opened.
+    async fn acquire_aged(
+        &self,
+        i: usize,
+        fallback: bool,
+    ) -> Result<(ReadConn, Option<Instant>), RouteError> {
         let inner = &self.inner;
         let node = &inner.nodes[i];
         node.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -321,17 +347,14 @@ impl ReplicaRouter {
             index: i,
             since: Instant::now(),
         };
-        let conn = node
-            .read_pool
-            .acquire()
-            .await
-            .map_err(|e| RouteError::db(&node.name, e))?;
+        let (conn, born) = acquire_noting_birth(&node.read_pool).await;
+        let conn = conn.map_err(|e| RouteError::db(&node.name, e))?;
         let role = if i == inner.primary.load(Ordering::Acquire) {
             Role::Primary
         } else {
             Role::Replica
         };
-        Ok(ReadConn {
+        let conn = ReadConn {
             conn,
             route: Route {
                 node: node.name.clone(),
@@ -339,7 +362,8 @@ impl ReplicaRouter {
                 fallback,
             },
             guard,
-        })
+        };
+        Ok((conn, born))
     }
 
     async fn read_primary(&self, fallback: bool) -> Result<ReadConn, RouteError> {
@@ -388,9 +412,16 @@ impl ReplicaRouter {
             // Nodes on an older timeline (or an unknown one) cannot be shown to have the write:
             // their positions belong to another history.
             let mut tried = failed | inner.older_than(timeline);
-            while let Some(i) = inner.policy.pick(&self.view(tried, UNKNOWN)) {
+            // Replicas last read at or past the token first: on a connection older than that
+            // reading, the read needs no question to the replica (see `replayed.rs`).
+            let behind = !inner.known_ahead(token.lsn().0, timeline);
+            while let Some(i) = inner
+                .policy
+                .pick(&self.view(tried | behind, UNKNOWN))
+                .or_else(|| inner.policy.pick(&self.view(tried, UNKNOWN)))
+            {
                 tried |= 1 << i;
-                let mut conn = match self.acquire(i, false).await {
+                let (mut conn, born) = match self.acquire_aged(i, false).await {
                     Ok(c) => c,
                     Err(e) => {
                         // A saturated pool is not a failed node: skip it for this read only.
@@ -401,9 +432,20 @@ impl ReplicaRouter {
                         continue;
                     }
                 };
+                let known = inner.nodes[i].replayed();
+                if known.covers(token.lsn().0, timeline, born) {
+                    inner.count_token_read(true);
+                    if let Some(s) = session {
+                        // The connection has replayed at least what the reading saw.
+                        s.observe(WriteToken::on_timeline(Lsn(known.lsn), known.timeline));
+                    }
+                    return Ok(conn);
+                }
+                inner.count_token_read(false);
                 // Checked on the very connection the caller will read from: replay only moves
                 // forward while the server runs, so this read sees the token's write.
                 // Bounded like a probe: a hung replica must not hold the read forever.
+                let asked_at = Instant::now();
                 let replayed: Result<Option<String>, _> = match tokio::time::timeout(
                     inner.config.probe_timeout,
                     sqlx::query_scalar("SELECT pg_last_wal_replay_lsn()::text")
@@ -419,7 +461,8 @@ impl ReplicaRouter {
                 };
                 match replayed.map(|s| s.as_deref().and_then(Lsn::parse)) {
                     Ok(Some(lsn)) => {
-                        inner.nodes[i].replay_lsn.fetch_max(lsn.0, Ordering::AcqRel);
+                        let node_timeline = inner.nodes[i].timeline.load(Ordering::Acquire);
+                        inner.nodes[i].note_replayed(lsn.0, node_timeline, asked_at);
                         if lsn >= token.lsn() {
                             if let Some(s) = session {
                                 let t = inner.nodes[i].timeline.load(Ordering::Acquire);
@@ -506,6 +549,22 @@ impl ReplicaRouter {
     /// unanswered health round starts one unless one is already running).
     pub fn primary_searches(&self) -> u64 {
         self.inner.searches.load(Ordering::Relaxed)
+    }
+
+    /// How token reads (`AtLeast`, `Session`) were routed since the router was built: on a
+    /// replay position already known to cover the token, or after asking the replica.
+    ///
+    /// ```no_run
+    /// # async fn run(router: stanchion_replica_router::ReplicaRouter) {
+    /// let reads = router.token_reads();
+    /// println!("{} of {} token reads needed no check query", reads.known, reads.known + reads.checked);
+    /// # }
+    /// ```
+    pub fn token_reads(&self) -> TokenReads {
+        TokenReads {
+            known: self.inner.token_reads_known.load(Ordering::Relaxed),
+            checked: self.inner.token_reads_checked.load(Ordering::Relaxed),
+        }
     }
 
     /// Every node's role, admission and lag.

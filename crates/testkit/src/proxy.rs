@@ -47,7 +47,7 @@ pub enum Fault {
 /// ```
 pub struct FaultProxy {
     addr: SocketAddr,
-    upstream: SocketAddr,
+    upstream: Arc<std::sync::RwLock<SocketAddr>>,
     fault: watch::Sender<Fault>,
     accepted: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
@@ -58,7 +58,7 @@ impl fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream())
             .field("fault", &*self.fault.borrow())
             .finish()
     }
@@ -88,6 +88,8 @@ impl FaultProxy {
         let (stop, stop_rx) = oneshot::channel();
         let accepted = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&accepted);
+        let upstream = Arc::new(std::sync::RwLock::new(upstream));
+        let target = Arc::clone(&upstream);
         let thread = std::thread::Builder::new()
             .name(format!("fault-proxy-{}", addr.port()))
             .spawn(move || {
@@ -96,7 +98,7 @@ impl FaultProxy {
                         return;
                     };
                     tokio::select! {
-                        () = accept_loop(listener, upstream, fault_rx, counter) => {}
+                        () = accept_loop(listener, target, fault_rx, counter) => {}
                         _ = stop_rx => {}
                     }
                 });
@@ -120,7 +122,27 @@ impl FaultProxy {
 
     /// The address traffic is forwarded to.
     pub fn upstream(&self) -> SocketAddr {
-        self.upstream
+        match self.upstream.read() {
+            Ok(a) => *a,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Sends new connections to another server (on loopback) from now on; open ones stay
+    /// where they are. With [`Fault::Reset`] first, this is what a client sees when the server
+    /// behind an address is replaced: its connections end, and the next ones reach a server
+    /// that may know less.
+    pub fn retarget(&self, upstream: SocketAddr) -> Result<()> {
+        if !upstream.ip().is_loopback() {
+            return Err(TestkitError::Usage(format!(
+                "the fault proxy only forwards to loopback addresses, not {upstream}"
+            )));
+        }
+        match self.upstream.write() {
+            Ok(mut a) => *a = upstream,
+            Err(poisoned) => *poisoned.into_inner() = upstream,
+        }
+        Ok(())
     }
 
     /// Changes the fault; open connections follow at once.
@@ -152,7 +174,7 @@ impl Drop for FaultProxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    upstream: SocketAddr,
+    upstream: Arc<std::sync::RwLock<SocketAddr>>,
     fault: watch::Receiver<Fault>,
     accepted: Arc<AtomicU64>,
 ) {
@@ -163,7 +185,11 @@ async fn accept_loop(
         };
         accepted.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
-        tokio::spawn(connection(client, upstream, fault.clone()));
+        let target = match upstream.read() {
+            Ok(a) => *a,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
+        tokio::spawn(connection(client, target, fault.clone()));
     }
 }
 
