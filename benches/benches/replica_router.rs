@@ -122,7 +122,85 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
+    // A token for a write older than one health interval: the router has read the replica
+    // past it since, and the pool's connections are older than that reading.
+    let old_token = rt.block_on(async {
+        let mut tx = router1.begin_write().await.expect("begin");
+        sqlx::query("UPDATE items SET v = v + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await
+            .expect("update");
+        let token = router1.commit(tx).await.expect("commit");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        token
+    });
+    g.bench_function("stanchion_token_read_old_write", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let router = router1.clone();
+            drive(iters, move || {
+                let router = router.clone();
+                async move {
+                    let mut conn = router
+                        .read(Consistency::AtLeast(old_token))
+                        .await
+                        .expect("read");
+                    let v: i32 = sqlx::query_scalar(QUERY)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .expect("query");
+                    black_box(v);
+                }
+            })
+        })
+    });
     g.finish();
+
+    // A write, then a read of it: with a token (waits for the replica to replay the write) and,
+    // for comparison, without one (may read stale data).
+    let mut g = c.benchmark_group("replica_write_then_read_16_in_flight");
+    g.measurement_time(Duration::from_secs(8));
+    let row = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    for (name, with_token) in [
+        ("stanchion_then_any_read", false),
+        ("stanchion_then_token_read", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (router, row) = (router1.clone(), row.clone());
+                drive(iters, move || {
+                    let (router, row) = (router.clone(), row.clone());
+                    async move {
+                        let id = 1 + row.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+                        let mut tx = router.begin_write().await.expect("begin");
+                        sqlx::query("UPDATE items SET v = v + 1 WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .expect("update");
+                        let token = router.commit(tx).await.expect("commit");
+                        let consistency = if with_token {
+                            Consistency::AtLeast(token)
+                        } else {
+                            Consistency::Any
+                        };
+                        let mut conn = router.read(consistency).await.expect("read");
+                        let v: i32 = sqlx::query_scalar("SELECT v FROM items WHERE id = $1")
+                            .bind(id)
+                            .fetch_one(&mut *conn)
+                            .await
+                            .expect("query");
+                        black_box(v);
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+    let reads = router1.token_reads();
+    eprintln!(
+        "token reads: {} routed on a known replay position, {} asked the replica",
+        reads.known, reads.checked
+    );
     rt.block_on(async {
         router8.close().await;
         router1.close().await;

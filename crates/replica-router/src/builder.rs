@@ -25,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) no_replica: Fallback,
     pub(crate) token_wait: Duration,
     pub(crate) token_fallback: Fallback,
+    pub(crate) known_positions: bool,
 }
 
 /// Where a node is: a URL to parse at build, or sqlx options made by the caller.
@@ -79,6 +80,7 @@ impl Default for ReplicaRouterBuilder {
                 no_replica: Fallback::Primary,
                 token_wait: Duration::from_millis(20),
                 token_fallback: Fallback::Primary,
+                known_positions: true,
             },
             pool: PgPoolOptions::new()
                 .max_connections(16)
@@ -161,6 +163,23 @@ impl ReplicaRouterBuilder {
     /// Where reads go when no replica is usable (default the primary).
     pub fn when_no_replica(mut self, fallback: Fallback) -> Self {
         self.config.no_replica = fallback;
+        self
+    }
+
+    /// Whether a token read may skip its check query on a connection opened before the
+    /// router last read that replica's replay position at or past the token (default on).
+    ///
+    /// This relies on a restart of the replica ending every connection to it, which holds for
+    /// direct connections. Turn it off behind a pooler that keeps client connections open
+    /// across server restarts (PgBouncer, pgcat, a cloud proxy): every token read then asks its
+    /// connection for the replay position first, as before.
+    ///
+    /// ```
+    /// let builder = stanchion_replica_router::ReplicaRouter::builder().known_positions(false);
+    /// # let _ = builder;
+    /// ```
+    pub fn known_positions(mut self, enabled: bool) -> Self {
+        self.config.known_positions = enabled;
         self
     }
 

@@ -433,7 +433,7 @@ impl ReplicaRouter {
                     }
                 };
                 let known = inner.nodes[i].replayed();
-                if known.covers(token.lsn().0, timeline, born) {
+                if inner.config.known_positions && known.covers(token.lsn().0, timeline, born) {
                     inner.count_token_read(true);
                     if let Some(s) = session {
                         // The connection has replayed at least what the reading saw.

@@ -76,6 +76,22 @@ async fn token_reads_of_writes_the_replicas_are_known_to_have_ask_them_nothing()
     // The session moved to what the reading saw, at least its own write.
     assert!(session.token().lsn() >= token.lsn());
     router.close().await;
+
+    // Turned off (behind a pooler that outlives server restarts), every token read asks.
+    let asking = support::builder(&db)
+        .known_positions(false)
+        .build()
+        .await
+        .unwrap();
+    warm(&asking, 2, 2).await;
+    asking.check_now().await;
+    for _ in 0..50 {
+        let (v, _, _) = read_v(&asking, Consistency::AtLeast(token)).await;
+        assert_eq!(v, 42);
+    }
+    let reads = asking.token_reads();
+    assert_eq!((reads.known, reads.checked), (0, 50));
+    asking.close().await;
 }
 
 fn proxied(url: &str, port: u16, proxy: SocketAddr) -> String {
