@@ -18,6 +18,7 @@ pub struct OutboxConfig {
     lanes: u32,
     max_event_bytes: usize,
     notify: bool,
+    keep_published: bool,
 }
 
 impl Default for OutboxConfig {
@@ -27,6 +28,7 @@ impl Default for OutboxConfig {
             lanes: 64,
             max_event_bytes: 1 << 20,
             notify: true,
+            keep_published: true,
         }
     }
 }
@@ -54,6 +56,11 @@ impl OutboxConfig {
     /// Whether PostgreSQL enqueues send a NOTIFY that wakes the relays.
     pub fn notify(&self) -> bool {
         self.notify
+    }
+    /// Whether published rows are kept (marked with their publish time) or deleted when they
+    /// are published.
+    pub fn keep_published(&self) -> bool {
+        self.keep_published
     }
     /// The lane an ordering key belongs to.
     pub fn lane_of(&self, key: &str) -> u32 {
@@ -93,6 +100,22 @@ impl OutboxConfigBuilder {
     /// Send a NOTIFY with each PostgreSQL enqueue (default on). Off, relays poll.
     pub fn notify(mut self, on: bool) -> Self {
         self.config.notify = on;
+        self
+    }
+    /// Keep published rows, marked with their publish time, until `purge_published` removes
+    /// them (default on: a recent history of what was published, for operators). Off, the relay
+    /// deletes each row in the statement that would have marked it: no history, nothing for
+    /// `purge_published` to do, and less work for the database per event (a delete adds no index
+    /// entries where a mark adds two; see `docs/benchmarks.md` for the measured difference).
+    /// Dead letters are kept either way.
+    ///
+    /// ```
+    /// let config = stanchion_outbox::OutboxConfig::builder().keep_published(false).build()?;
+    /// assert!(!config.keep_published());
+    /// # Ok::<(), stanchion_outbox::BuildError>(())
+    /// ```
+    pub fn keep_published(mut self, on: bool) -> Self {
+        self.config.keep_published = on;
         self
     }
     /// Validates and builds.

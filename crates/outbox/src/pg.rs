@@ -96,6 +96,11 @@ impl Statements {
             " SELECT ins.id FROM ins WHERE $6::text IS NOT NULL OR true"
         };
         let pending = format!("{ns}.outbox.published_at IS NULL AND {ns}.outbox.dead_at IS NULL");
+        let done = if config.keep_published() {
+            format!("UPDATE {ns}.outbox SET published_at = clock_timestamp()")
+        } else {
+            format!("DELETE FROM {ns}.outbox")
+        };
         let s = |t: String| -> Arc<str> { t.into() };
         Self {
             insert: s(format!(
@@ -128,7 +133,7 @@ impl Statements {
                 "WITH held AS (UPDATE {ns}.outbox_lanes l SET lease_until = clock_timestamp() + make_interval(secs => $3) \
                    FROM unnest($1::int4[], $2::int8[]) AS c(lane, token) \
                    WHERE l.lane = c.lane AND l.token = c.token RETURNING l.lane), \
-                 done AS (UPDATE {ns}.outbox SET published_at = clock_timestamp() \
+                 done AS ({done} \
                    WHERE id = ANY($4) AND {pending} AND lane IN (SELECT lane FROM held) RETURNING 1) \
                  SELECT h.held, p.* FROM (SELECT coalesce(array_agg(lane), '{{}}') AS held FROM held) h \
                  LEFT JOIN LATERAL ( \

@@ -124,9 +124,14 @@ impl Statements {
                 "UPDATE {ns}_outbox_lanes SET lease_until_us = max(lease_until_us, ?3) WHERE lane = ?1 AND token = ?2"
             )),
             publish: s(format!(
-                "UPDATE {ns}_outbox SET published_us = ?1 \
-                 WHERE id IN (SELECT value FROM json_each(?2)) AND {pending} \
-                 AND lane IN (SELECT value FROM json_each(?3))"
+                "{done} WHERE id IN (SELECT value FROM json_each(?2)) AND {pending} \
+                 AND lane IN (SELECT value FROM json_each(?3))",
+                done = if config.keep_published() {
+                    format!("UPDATE {ns}_outbox SET published_us = ?1")
+                } else {
+                    // ?1 (the publish time) is bound and unused: the row goes.
+                    format!("DELETE FROM {ns}_outbox")
+                }
             )),
             fail: s(format!(
                 "UPDATE {ns}_outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_us = ?3 + ?4, \

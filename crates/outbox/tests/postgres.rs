@@ -32,9 +32,14 @@ async fn pool_on(cluster: &PostgresCluster, connections: u32) -> PgPool {
 }
 
 async fn outbox_on(pool: &PgPool, lanes: u32) -> PgOutbox {
+    outbox_with(pool, lanes, true).await
+}
+
+async fn outbox_with(pool: &PgPool, lanes: u32, keep_published: bool) -> PgOutbox {
     let config = OutboxConfig::builder()
         .namespace("shop")
         .lanes(lanes)
+        .keep_published(keep_published)
         .build()
         .unwrap();
     let outbox = PgOutbox::new(pool.clone(), config);
@@ -50,8 +55,11 @@ struct Pg {
 
 impl Pg {
     async fn new(lanes: u32) -> Self {
+        Self::keeping(lanes, true).await
+    }
+    async fn keeping(lanes: u32, keep_published: bool) -> Self {
         let pool = pool_on(cluster(), 10).await;
-        let outbox = outbox_on(&pool, lanes).await;
+        let outbox = outbox_with(&pool, lanes, keep_published).await;
         Self { pool, outbox }
     }
 }
@@ -95,11 +103,21 @@ impl Db for Pg {
             .await
             .unwrap()
     }
+    fn keeps_published(&self) -> bool {
+        self.outbox.config().keep_published()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_committed_events_once_in_key_order() {
     support::delivers_committed_events_once_in_key_order(Pg::new(8).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_published_rows_deleted_delivery_and_dead_letters_are_the_same() {
+    support::delivers_committed_events_once_in_key_order(Pg::keeping(8, false).await).await;
+    support::a_poison_event_dead_letters_without_blocking_other_keys(Pg::keeping(4, false).await)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,9 @@ struct Lite {
 
 impl Lite {
     async fn new(lanes: u32) -> Self {
+        Self::keeping(lanes, true).await
+    }
+    async fn keeping(lanes: u32, keep_published: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteConnectOptions::new()
             .filename(dir.path().join("shop.db"))
@@ -34,6 +37,7 @@ impl Lite {
         let config = OutboxConfig::builder()
             .namespace("shop")
             .lanes(lanes)
+            .keep_published(keep_published)
             .build()
             .unwrap();
         let outbox = SqliteOutbox::new(pool.clone(), config);
@@ -87,11 +91,21 @@ impl Db for Lite {
             .await
             .unwrap()
     }
+    fn keeps_published(&self) -> bool {
+        self.outbox.config().keep_published()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_committed_events_once_in_key_order() {
     support::delivers_committed_events_once_in_key_order(Lite::new(8).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_published_rows_deleted_delivery_and_dead_letters_are_the_same() {
+    support::delivers_committed_events_once_in_key_order(Lite::keeping(8, false).await).await;
+    support::a_poison_event_dead_letters_without_blocking_other_keys(Lite::keeping(4, false).await)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
