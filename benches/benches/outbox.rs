@@ -84,7 +84,8 @@ async fn relay_per_event(
             .purge_published(Duration::ZERO, 10_000)
             .await
             .expect("purge");
-        sqlx::query("VACUUM stanchion.outbox")
+        let vacuum = format!("VACUUM {}.outbox", outbox.config().namespace());
+        sqlx::query(sqlx::AssertSqlSafe(vacuum))
             .execute(pool)
             .await
             .expect("vacuum");
@@ -128,7 +129,7 @@ fn benches(c: &mut Criterion) {
     let redis = RedisServer::start().expect("redis");
     let db = cluster.create_database().expect("database");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (pool, outbox, redis_conn) = rt.block_on(async {
+    let (pool, outbox, deleting, redis_conn) = rt.block_on(async {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .connect(&db.primary_url)
@@ -136,6 +137,14 @@ fn benches(c: &mut Criterion) {
             .expect("pool");
         let outbox = PgOutbox::new(pool.clone(), OutboxConfig::default());
         outbox.migrate().await.expect("migrate");
+        // The same relay on an outbox that deletes rows as it publishes them.
+        let deleting = OutboxConfig::builder()
+            .namespace("deleting")
+            .keep_published(false)
+            .build()
+            .expect("config");
+        let deleting = PgOutbox::new(pool.clone(), deleting);
+        deleting.migrate().await.expect("migrate");
         sqlx::raw_sql(
             "CREATE TABLE bare_outbox (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
                k text NOT NULL, payload bytea NOT NULL, published boolean NOT NULL DEFAULT false);
@@ -150,7 +159,7 @@ fn benches(c: &mut Criterion) {
             .get_connection_manager()
             .await
             .expect("redis");
-        (pool, outbox, redis_conn)
+        (pool, outbox, deleting, redis_conn)
     });
 
     let mut g = c.benchmark_group("outbox_relay_per_event");
@@ -216,6 +225,21 @@ fn benches(c: &mut Criterion) {
     g.bench_function("stanchion_relay_in_process", |b| {
         b.to_async(&rt)
             .iter_custom(|iters| relay_per_event(&outbox, &pool, &seen, &progress, iters))
+    });
+    rt.block_on(relay.shutdown(Duration::from_secs(10)))
+        .expect("stop");
+    let seen = Arc::new(AtomicU64::new(0));
+    let relay = rt.block_on(start_relay(
+        &deleting,
+        CountOk {
+            inner: Accept,
+            seen: Arc::clone(&seen),
+            progress: Arc::clone(&progress),
+        },
+    ));
+    g.bench_function("stanchion_relay_in_process_deleting_published", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| relay_per_event(&deleting, &pool, &seen, &progress, iters))
     });
     rt.block_on(relay.shutdown(Duration::from_secs(10)))
         .expect("stop");
