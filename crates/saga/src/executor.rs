@@ -252,7 +252,7 @@ impl<L: SagaLogStore + Clone> Executor<L> {
                 deadline: def.deadline,
             })
             .await?;
-        self.inner.stats.started.fetch_add(1, Ordering::Relaxed);
+        count(&self.inner.stats, Event::Started, name);
         let record = SagaRecord {
             id: id.clone(),
             name: name.to_owned(),
@@ -370,6 +370,88 @@ impl<L: SagaLogStore + Clone> Executor<L> {
     }
 }
 
+/// What happened to a saga, for [`count`].
+#[derive(Clone, Copy)]
+enum Event {
+    Started,
+    Resumed,
+    Completed,
+    Compensated,
+    Parked,
+}
+
+/// Adds one to the executor's counter of `event` and, with the `metrics` feature, to the metric
+/// of the same name (`saga.started`, ...) labelled with the saga's name.
+fn count(stats: &Counters, event: Event, saga: &str) {
+    let counter = match event {
+        Event::Started => &stats.started,
+        Event::Resumed => &stats.resumed,
+        Event::Completed => &stats.completed,
+        Event::Compensated => &stats.compensated,
+        Event::Parked => &stats.parked,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    {
+        let saga = saga.to_owned();
+        match event {
+            Event::Started => metrics::counter!("saga.started", "saga.name" => saga).increment(1),
+            Event::Resumed => metrics::counter!("saga.resumed", "saga.name" => saga).increment(1),
+            Event::Completed => {
+                metrics::counter!("saga.completed", "saga.name" => saga).increment(1);
+            }
+            Event::Compensated => {
+                metrics::counter!("saga.compensated", "saga.name" => saga).increment(1);
+            }
+            Event::Parked => metrics::counter!("saga.parked", "saga.name" => saga).increment(1),
+        }
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = saga;
+}
+
+/// Runs one attempt of an action or compensation inside a `saga.step` span, bounded by the
+/// step's timeout, and records its duration (`saga.step_duration`, seconds, with the `metrics`
+/// feature).
+async fn run_step<F, T>(
+    saga: &str,
+    step: &str,
+    compensating: bool,
+    attempt: u32,
+    timeout: Duration,
+    attempt_future: F,
+) -> Result<T, StepError>
+where
+    F: std::future::Future<Output = Result<T, StepError>>,
+{
+    let span = tracing::info_span!(
+        "saga.step",
+        saga.step = %step,
+        saga.attempt = attempt,
+        saga.compensating = compensating,
+    );
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, attempt_future)
+        .instrument(span)
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(StepError::transient(format!("timed out after {timeout:?}"))),
+    };
+    #[cfg(feature = "metrics")]
+    metrics::histogram!(
+        "saga.step_duration",
+        "saga.name" => saga.to_owned(),
+        "saga.step" => step.to_owned(),
+        "phase" => if compensating { "compensation" } else { "action" },
+        "outcome" => if result.is_ok() { "ok" } else { "error" },
+    )
+    .record(started.elapsed().as_secs_f64());
+    #[cfg(not(feature = "metrics"))]
+    let _ = (saga, started);
+    result
+}
+
 impl<L: SagaLogStore + Clone> Inner<L> {
     async fn spawn_drive(self: &Arc<Self>, record: SagaRecord, deadline: Option<Instant>) {
         let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
@@ -402,7 +484,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                     Ok(records) => {
                         backoff = Duration::from_millis(50);
                         for r in records {
-                            self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                            count(&self.stats, Event::Resumed, &r.name);
                             tracing::info!(saga.id = %r.id, saga.name = %r.name, "saga resumed");
                             self.spawn_drive(r, None).await;
                         }
@@ -466,7 +548,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
             })
             .await
         {
-            self.stats.parked.fetch_add(1, Ordering::Relaxed);
+            count(&self.stats, Event::Parked, &r.name);
         }
     }
 
@@ -581,14 +663,15 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                         compensating: false,
                     };
                     self.stats.step_runs.fetch_add(1, Ordering::Relaxed);
-                    let result = match tokio::time::timeout(step.timeout, (step.action)(ctx)).await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::transient(format!(
-                            "timed out after {:?}",
-                            step.timeout
-                        ))),
-                    };
+                    let result = run_step(
+                        &r.name,
+                        &step.name,
+                        false,
+                        attempts + 1,
+                        step.timeout,
+                        (step.action)(ctx),
+                    )
+                    .await;
                     match result {
                         Ok(v) => {
                             outputs.insert(step.name.to_string(), v);
@@ -618,7 +701,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             pos += 1;
                             attempts = 0;
                             if done {
-                                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                                count(&self.stats, Event::Completed, &r.name);
                                 tracing::info!("saga completed");
                                 return;
                             }
@@ -694,7 +777,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             ))
                             .await
                         {
-                            self.stats.compensated.fetch_add(1, Ordering::Relaxed);
+                            count(&self.stats, Event::Compensated, &r.name);
                         }
                         return;
                     }
@@ -713,13 +796,15 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                         compensating: true,
                     };
                     self.stats.step_runs.fetch_add(1, Ordering::Relaxed);
-                    let result = match tokio::time::timeout(step.timeout, compensation(ctx)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::transient(format!(
-                            "timed out after {:?}",
-                            step.timeout
-                        ))),
-                    };
+                    let result = run_step(
+                        &r.name,
+                        &step.name,
+                        true,
+                        attempts + 1,
+                        step.timeout,
+                        compensation(ctx),
+                    )
+                    .await;
                     match result {
                         Ok(()) => {
                             let done = pos == 0;
@@ -746,7 +831,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             pos -= 1;
                             attempts = 0;
                             if done {
-                                self.stats.compensated.fetch_add(1, Ordering::Relaxed);
+                                count(&self.stats, Event::Compensated, &r.name);
                                 tracing::info!("saga compensated");
                                 return;
                             }
