@@ -13,6 +13,9 @@ use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::{Stats, TieredCache};
 use support::{Cache, hour, instance, prefix, store};
 
+/// Reads one counter of a `Stats`.
+type Field = fn(&Stats) -> u64;
+
 async fn load(cache: &Cache<String>, key: u64) -> Option<String> {
     cache
         .get_or_load(&key, move || async move {
@@ -73,7 +76,7 @@ async fn the_facade_counts_what_stats_count_per_namespace() {
     };
     let (sa, sb, so) = (a.stats(), b.stats(), other.stats());
     eprintln!("a {sa:?}\nb {sb:?}\nother {so:?}\nmetrics {seen:?}");
-    let fields: [(&str, fn(&Stats) -> u64); 8] = [
+    let fields: [(&str, Field); 8] = [
         ("l1_hits", |s| s.l1_hits),
         ("l1_misses", |s| s.l1_misses),
         ("l2_hits", |s| s.l2_hits),
