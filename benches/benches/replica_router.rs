@@ -134,6 +134,37 @@ fn benches(c: &mut Criterion) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         token
     });
+    // The same reads with every token read asking its replica first (`known_positions(false)`,
+    // what every token read did before): the cost of the check query.
+    let asking = rt.block_on(async {
+        ReplicaRouter::builder()
+            .primary("primary", &names[0].primary_url)
+            .replica("r0", &names[0].replica_urls[0])
+            .pool_options(pool_options())
+            .known_positions(false)
+            .build()
+            .await
+            .expect("router")
+    });
+    g.bench_function("stanchion_token_read_old_write_always_checked", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let router = asking.clone();
+            drive(iters, move || {
+                let router = router.clone();
+                async move {
+                    let mut conn = router
+                        .read(Consistency::AtLeast(old_token))
+                        .await
+                        .expect("read");
+                    let v: i32 = sqlx::query_scalar(QUERY)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .expect("query");
+                    black_box(v);
+                }
+            })
+        })
+    });
     g.bench_function("stanchion_token_read_old_write", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let router = router1.clone();
@@ -204,6 +235,7 @@ fn benches(c: &mut Criterion) {
     rt.block_on(async {
         router8.close().await;
         router1.close().await;
+        asking.close().await;
         bare.close().await;
     });
 }
