@@ -9,9 +9,12 @@ use crate::error::BuildError;
 pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Most limits in one [`Limits`] set.
 pub const MAX_LIMITS: usize = 4;
-/// Largest `burst * emission interval`, in microseconds: 2^52 (about 142 years), so that the
-/// Redis script's numbers (Lua doubles, exact below 2^53) stay exact for absolute times.
-const MAX_CAPACITY_MICROS: u64 = 1 << 52;
+/// Largest `burst * emission interval`, in microseconds: 2^50 (about 35 years). The Redis
+/// script works in Lua doubles, exact below 2^53, on absolute times: a TAT is at most `now +
+/// capacity` and the next one at most `now + 2 x capacity`, which stays below 2^53 until the
+/// year 2183 (Unix time in microseconds passes 2^53 - 2^51 then). With 2^52 the sum passed 2^53
+/// and `retry_after` came out a microsecond off the Rust GCRA's.
+const MAX_CAPACITY_MICROS: u64 = 1 << 50;
 
 /// `rate` requests per `period`, with up to `burst` at once.
 ///
@@ -114,7 +117,7 @@ impl Quota {
         if u64::from(self.burst).saturating_mul(self.emission_micros) > MAX_CAPACITY_MICROS {
             return Err(BuildError::new(
                 "burst",
-                "small enough that burst x period / rate stays under 142 years",
+                "small enough that burst x period / rate stays under 35 years",
                 self.burst,
             ));
         }

@@ -652,3 +652,60 @@ async fn a_key_of_another_type_fails_only_that_key_not_the_store() {
         .unwrap();
     assert_eq!(kind, "hash");
 }
+
+/// The largest burst a quota of `rate` per `period` accepts.
+fn largest_burst(rate: u32, period: Duration) -> u32 {
+    let (mut lo, mut hi) = (1u32, u32::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if Quota::new(rate, period).unwrap().burst(mid).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// At the largest capacity a quota accepts, and with clocks far ahead of today, every number
+/// the script computes (a TAT plus a whole burst of emission intervals) stays below 2^53, where
+/// Lua's doubles are exact: its decisions equal the Rust GCRA's to the microsecond.
+#[tokio::test]
+async fn the_largest_quotas_decide_exactly_like_the_rust_gcra_for_a_century() {
+    let server = RedisServer::shared().unwrap();
+    let conn = support::manager(&server.url()).await;
+    let year = 365 * 24 * 3600 * 1_000_000u64;
+    for (rate, period) in [
+        (1, stanchion_ratelimit::MAX_PERIOD),
+        (7, stanchion_ratelimit::MAX_PERIOD),
+        (3, Duration::from_secs(86_401)),
+        (1_000_003, Duration::from_secs(3)),
+    ] {
+        let burst = largest_burst(rate, period);
+        let limits = Limits::single(Quota::new(rate, period).unwrap().burst(burst).unwrap());
+        // Today, 2100 and 2126 (an odd number of microseconds, so rounding would show).
+        for start in [
+            1_764_000_000_000_001u64,
+            4_102_444_800_000_001,
+            4_102_444_800_000_001 + 26 * year,
+        ] {
+            let key = support::prefix("exact");
+            let mut state = [0u64; 4];
+            for (step, (advance, cost)) in [(0, burst), (1, burst), (1, 1), (3, burst / 2), (0, 0)]
+                .into_iter()
+                .enumerate()
+            {
+                let now = start + advance;
+                let store = RedisStore::new(conn.clone(), "exact:").with_fixed_now(now);
+                let theirs = store.check(&key, &limits, cost).await.unwrap();
+                let ours = gcra::check(&limits, &mut state, now, cost);
+                let what =
+                    format!("{rate} per {period:?}, burst {burst}, start {start}, step {step}");
+                assert_eq!(theirs.verdict, ours.verdict, "{what}");
+                assert_eq!(theirs.remaining, ours.remaining, "{what}");
+                assert_eq!(theirs.reset_after, ours.reset_after, "{what}");
+                assert_eq!(theirs.retry_after, ours.retry_after, "{what}");
+            }
+        }
+    }
+}
