@@ -139,6 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("  {:>3} {:<20} {step:<8} {detail}", entry.seq, entry.kind);
         }
     }
+    executor.shutdown(Duration::from_secs(5)).await;
     let applied = services.applied.lock().unwrap_or_else(|e| e.into_inner());
     let mut keys: Vec<&String> = applied.keys().collect();
     keys.sort();
@@ -146,7 +147,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for key in keys {
         println!("  {key} = {}", applied[key]);
     }
-    drop(applied);
-    executor.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
