@@ -20,6 +20,45 @@ type CompensationFn = dyn Fn(StepContext) -> Pin<Box<dyn Future<Output = Result<
     + Send
     + Sync;
 
+/// A future borrowed from a connection, as the log-transaction work of a step returns it.
+pub type WorkFuture<'c> = Pin<Box<dyn Future<Output = Result<(), StepError>> + Send + 'c>>;
+
+/// Work on a connection of the log's database, with the step's context and its action's output.
+pub type Work<C> =
+    dyn for<'c> Fn(&'c mut C, &'c StepContext, &'c Value) -> WorkFuture<'c> + Send + Sync;
+
+/// Work a step does in the saga log's own database, in the same transaction that records the
+/// step as completed: both commit, or neither (see [`Step::in_postgres_log_transaction`] and
+/// [`Step::in_sqlite_log_transaction`]).
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum LogTxWork {
+    /// For a [`PgSagaLog`](crate::PgSagaLog).
+    #[cfg(feature = "postgres")]
+    Postgres(Arc<Work<sqlx::PgConnection>>),
+    /// For a [`SqliteSagaLog`](crate::SqliteSagaLog).
+    #[cfg(feature = "sqlite")]
+    Sqlite(Arc<Work<sqlx::SqliteConnection>>),
+}
+
+impl fmt::Debug for LogTxWork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LogTxWork({})", self.database())
+    }
+}
+
+impl LogTxWork {
+    /// The log this work runs in (`"postgres"` or `"sqlite"`).
+    pub fn database(&self) -> &'static str {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(_) => "postgres",
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
 /// What a step is in the saga literature (Garcia-Molina & Salem; Richardson's terms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
@@ -125,6 +164,7 @@ pub struct Step {
     pub(crate) compensation: Option<Arc<CompensationFn>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Duration,
+    pub(crate) log_tx: Option<LogTxWork>,
 }
 
 impl fmt::Debug for Step {
@@ -155,6 +195,7 @@ impl Step {
             compensation: None,
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(10),
+            log_tx: None,
         }
     }
 
@@ -201,6 +242,58 @@ impl Step {
     #[must_use]
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
+        self
+    }
+
+    /// Work this step does in the saga log's own PostgreSQL database, in the transaction that
+    /// records the step as completed, after its action succeeded (with the action's output): an
+    /// outbox enqueue, a row of the step's own. The work and the log entry commit together or
+    /// not at all: a crash before the commit leaves neither, and the step runs again. An error
+    /// from the work counts as a failed attempt of the step. Only a [`PgSagaLog`](crate::PgSagaLog)
+    /// can run it; an executor over another log refuses the definition.
+    ///
+    /// ```
+    /// use stanchion_saga::Step;
+    /// let step = Step::pivot("charge", |_| async { Ok(serde_json::json!({"receipt": "r-1"})) })
+    ///     .in_postgres_log_transaction(|conn, ctx, receipt| {
+    ///         let (key, receipt) = (ctx.idempotency_key(), receipt.to_string());
+    ///         Box::pin(async move {
+    ///             sqlx::query("INSERT INTO receipts (key, receipt) VALUES ($1, $2)")
+    ///                 .bind(key)
+    ///                 .bind(receipt)
+    ///                 .execute(&mut *conn)
+    ///                 .await
+    ///                 .map_err(stanchion_saga::StepError::transient)?;
+    ///             Ok(())
+    ///         })
+    ///     });
+    /// # let _ = step;
+    /// ```
+    #[cfg(feature = "postgres")]
+    #[must_use]
+    pub fn in_postgres_log_transaction<W>(mut self, work: W) -> Self
+    where
+        W: for<'c> Fn(&'c mut sqlx::PgConnection, &'c StepContext, &'c Value) -> WorkFuture<'c>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.log_tx = Some(LogTxWork::Postgres(Arc::new(work)));
+        self
+    }
+
+    /// [`in_postgres_log_transaction`](Self::in_postgres_log_transaction) for a
+    /// [`SqliteSagaLog`](crate::SqliteSagaLog).
+    #[cfg(feature = "sqlite")]
+    #[must_use]
+    pub fn in_sqlite_log_transaction<W>(mut self, work: W) -> Self
+    where
+        W: for<'c> Fn(&'c mut sqlx::SqliteConnection, &'c StepContext, &'c Value) -> WorkFuture<'c>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.log_tx = Some(LogTxWork::Sqlite(Arc::new(work)));
         self
     }
 

@@ -113,4 +113,7 @@ pub enum SagaError {
     /// Waiting for a saga timed out.
     #[error("saga {0} did not finish in time")]
     Timeout(String),
+    /// A step's log-transaction work is for another database than this log's.
+    #[error("this saga log cannot run a step's {0} log-transaction work")]
+    Unsupported(&'static str),
 }

@@ -12,9 +12,11 @@ use tokio::sync::{Mutex, Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::def::{SagaDef, StepContext, StepKind};
+use crate::def::{LogTxWork, SagaDef, StepContext, StepKind};
 use crate::error::{DefinitionError, SagaError, StepError};
-use crate::log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition};
+use crate::log::{
+    HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition, WorkWrite,
+};
 
 /// Counters of what an executor has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -115,6 +117,19 @@ impl<L: SagaLogStore + Clone> ExecutorBuilder<L> {
         let mut latest: HashMap<String, u32> = HashMap::new();
         for d in self.defs {
             for s in &d.steps {
+                if let Some(work) = &s.log_tx
+                    && !self.log.runs(work)
+                {
+                    return Err(DefinitionError::Setting {
+                        field: "log transaction",
+                        reason: format!(
+                            "step `{}` of `{}` works in a {} log's transaction; this executor's log cannot run it",
+                            s.name,
+                            d.name,
+                            work.database()
+                        ),
+                    });
+                }
                 if s.timeout.saturating_mul(2) > self.lease {
                     return Err(DefinitionError::Setting {
                         field: "timeout",
@@ -530,6 +545,48 @@ impl<L: SagaLogStore + Clone> Inner<L> {
         }
     }
 
+    /// [`write`](Self::write) with a step's log-transaction work: `Ok(true)` both committed,
+    /// `Ok(false)` fenced out (or stopping while the database is down), `Err` the work failed.
+    async fn write_with_work(
+        &self,
+        t: Transition,
+        work: &LogTxWork,
+        ctx: &StepContext,
+        output: &Value,
+        timeout: Duration,
+    ) -> Result<bool, StepError> {
+        let mut wait = Duration::from_millis(20);
+        loop {
+            // Bounded like the action: a hung transaction is dropped (rolled back) and counts
+            // as a failed attempt.
+            let attempt =
+                tokio::time::timeout(timeout, self.log.write_with_work(&t, work, ctx, output))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Ok(WorkWrite::WorkFailed(StepError::transient(format!(
+                            "the step's log transaction timed out after {timeout:?}"
+                        ))))
+                    });
+            match attempt {
+                Ok(WorkWrite::Written) => return Ok(true),
+                Ok(WorkWrite::Fenced) => {
+                    self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(saga.id = %t.id, "saga lease lost; another executor has it");
+                    return Ok(false);
+                }
+                Ok(WorkWrite::WorkFailed(e)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(saga.id = %t.id, error = %e, "saga log write failed; retrying");
+                    if *self.stop.borrow() {
+                        return Ok(false);
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = wait.saturating_mul(2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     async fn park(&self, r: &SagaRecord, from: Status, position: i64, attempts: u32, why: String) {
         tracing::error!(saga.id = %r.id, saga.name = %r.name, error = %why, "saga parked for an operator");
         if self
@@ -663,6 +720,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                         compensating: false,
                     };
                     self.stats.step_runs.fetch_add(1, Ordering::Relaxed);
+                    let work_ctx = step.log_tx.as_ref().map(|_| ctx.clone());
                     let result = run_step(
                         &r.name,
                         &step.name,
@@ -672,30 +730,56 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                         (step.action)(ctx),
                     )
                     .await;
+                    let done = pos + 1 == steps;
+                    let completion = |outputs: &BTreeMap<String, Value>| {
+                        let json = serde_json::to_string(outputs).unwrap_or_else(|_| "{}".into());
+                        let (st, ev, lease) = if done {
+                            (Status::Completed, "completed", None)
+                        } else {
+                            (Status::Running, "step_completed", Some(self.lease))
+                        };
+                        fence(
+                            st,
+                            pos + 1,
+                            Some(json),
+                            0,
+                            None,
+                            ev,
+                            Some(&step.name),
+                            lease,
+                        )
+                    };
+                    // A step with work in the log's transaction: the work and the record of the
+                    // step's completion commit together, or neither does.
+                    let mut recorded = false;
+                    let result = match (result, &step.log_tx, work_ctx) {
+                        (Ok(v), Some(work), Some(work_ctx)) => {
+                            let mut with = outputs.clone();
+                            with.insert(step.name.to_string(), v.clone());
+                            match self
+                                .write_with_work(
+                                    completion(&with),
+                                    work,
+                                    &work_ctx,
+                                    &v,
+                                    step.timeout,
+                                )
+                                .await
+                            {
+                                Ok(true) => {
+                                    recorded = true;
+                                    Ok(v)
+                                }
+                                Ok(false) => return,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        (result, _, _) => result,
+                    };
                     match result {
                         Ok(v) => {
                             outputs.insert(step.name.to_string(), v);
-                            let done = pos + 1 == steps;
-                            let json =
-                                serde_json::to_string(&outputs).unwrap_or_else(|_| "{}".into());
-                            let (st, ev, lease) = if done {
-                                (Status::Completed, "completed", None)
-                            } else {
-                                (Status::Running, "step_completed", Some(self.lease))
-                            };
-                            if !self
-                                .write(fence(
-                                    st,
-                                    pos + 1,
-                                    Some(json),
-                                    0,
-                                    None,
-                                    ev,
-                                    Some(&step.name),
-                                    lease,
-                                ))
-                                .await
-                            {
+                            if !recorded && !self.write(completion(&outputs)).await {
                                 return;
                             }
                             pos += 1;

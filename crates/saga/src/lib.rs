@@ -22,10 +22,14 @@ mod pg;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use def::{RetryPolicy, SagaDef, SagaDefBuilder, Step, StepContext, StepKind};
+pub use def::{
+    LogTxWork, RetryPolicy, SagaDef, SagaDefBuilder, Step, StepContext, StepKind, Work, WorkFuture,
+};
 pub use error::{DefinitionError, SagaError, StepError};
 pub use executor::{Executor, ExecutorBuilder, ExecutorStats};
-pub use log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition};
+pub use log::{
+    HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition, WorkWrite,
+};
 #[cfg(feature = "postgres")]
 pub use pg::{PgSagaLog, postgres_schema};
 #[cfg(feature = "sqlite")]

@@ -183,6 +183,18 @@ pub struct Transition {
     pub step: Option<String>,
 }
 
+/// What [`SagaLogStore::write_with_work`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WorkWrite {
+    /// The step's work and the transition committed together.
+    Written,
+    /// Fenced out (the lease was lost): nothing written, the work rolled back.
+    Fenced,
+    /// The work failed: rolled back, nothing written.
+    WorkFailed(crate::StepError),
+}
+
 /// Storage of saga state and history. [`PgSagaLog`](crate::PgSagaLog) and
 /// [`SqliteSagaLog`](crate::SqliteSagaLog) implement it.
 pub trait SagaLogStore: Send + Sync + 'static {
@@ -199,6 +211,25 @@ pub trait SagaLogStore: Send + Sync + 'static {
     /// Applies a transition and its history line in one commit; `Ok(false)`: fenced out (the
     /// lease was lost), nothing written.
     fn write(&self, t: &Transition) -> impl Future<Output = Result<bool, SagaError>> + Send;
+    /// Whether this log can run a step's log-transaction `work` (checked when an executor
+    /// starts; a log that cannot refuses the definition).
+    fn runs(&self, work: &crate::LogTxWork) -> bool {
+        let _ = work;
+        false
+    }
+    /// Runs a step's `work` (given the step's context and its action's output) and applies the
+    /// transition, in one transaction of the log's database.
+    fn write_with_work(
+        &self,
+        t: &Transition,
+        work: &crate::LogTxWork,
+        ctx: &crate::StepContext,
+        output: &serde_json::Value,
+    ) -> impl Future<Output = Result<WorkWrite, SagaError>> + Send {
+        let _ = (t, ctx, output);
+        let database = work.database();
+        async move { Err(SagaError::Unsupported(database)) }
+    }
     /// One saga.
     fn get(
         &self,

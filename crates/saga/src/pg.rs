@@ -6,8 +6,11 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::def::{LogTxWork, StepContext};
 use crate::error::SagaError;
-use crate::log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition};
+use crate::log::{
+    HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition, WorkWrite,
+};
 
 /// The PostgreSQL schema of the saga log in schema `namespace`: idempotent SQL for your own
 /// migration tool.
@@ -191,6 +194,31 @@ fn record(r: &PgRow) -> Result<SagaRecord, SagaError> {
     })
 }
 
+impl PgSagaLog {
+    /// The transition and its history line (one statement), on `executor`.
+    async fn write_on<'e, E>(&self, executor: E, t: &Transition) -> Result<bool, SagaError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+    {
+        let seq: Option<i64> = sqlx::query_scalar(q(&self.sql.write))
+            .bind(t.id.as_str())
+            .bind(t.generation)
+            .bind(t.status.as_str())
+            .bind(t.position)
+            .bind(t.outputs.as_deref())
+            .bind(i32::try_from(t.attempts).unwrap_or(i32::MAX))
+            .bind(t.error.as_deref())
+            .bind(t.parked_from.map(Status::as_str))
+            .bind(t.lease.map(|d| d.as_secs_f64()))
+            .bind(t.event)
+            .bind(t.step.as_deref())
+            .fetch_optional(executor)
+            .await
+            .map_err(db)?;
+        Ok(seq.is_some())
+    }
+}
+
 impl SagaLogStore for PgSagaLog {
     async fn create(&self, saga: &NewSaga) -> Result<(), SagaError> {
         sqlx::query(q(&self.sql.create))
@@ -224,22 +252,36 @@ impl SagaLogStore for PgSagaLog {
     }
 
     async fn write(&self, t: &Transition) -> Result<bool, SagaError> {
-        let seq: Option<i64> = sqlx::query_scalar(q(&self.sql.write))
-            .bind(t.id.as_str())
-            .bind(t.generation)
-            .bind(t.status.as_str())
-            .bind(t.position)
-            .bind(t.outputs.as_deref())
-            .bind(i32::try_from(t.attempts).unwrap_or(i32::MAX))
-            .bind(t.error.as_deref())
-            .bind(t.parked_from.map(Status::as_str))
-            .bind(t.lease.map(|d| d.as_secs_f64()))
-            .bind(t.event)
-            .bind(t.step.as_deref())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(seq.is_some())
+        self.write_on(&self.pool, t).await
+    }
+
+    fn runs(&self, work: &LogTxWork) -> bool {
+        matches!(work, LogTxWork::Postgres(_))
+    }
+
+    async fn write_with_work(
+        &self,
+        t: &Transition,
+        work: &LogTxWork,
+        ctx: &StepContext,
+        output: &serde_json::Value,
+    ) -> Result<WorkWrite, SagaError> {
+        #[allow(unreachable_patterns)] // with the `sqlite` feature off, Postgres is the only one
+        let work = match work {
+            LogTxWork::Postgres(w) => w,
+            other => return Err(SagaError::Unsupported(other.database())),
+        };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if let Err(e) = work(&mut tx, ctx, output).await {
+            let _ = tx.rollback().await;
+            return Ok(WorkWrite::WorkFailed(e));
+        }
+        if !self.write_on(&mut *tx, t).await? {
+            let _ = tx.rollback().await;
+            return Ok(WorkWrite::Fenced);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(WorkWrite::Written)
     }
 
     async fn get(&self, id: &SagaId) -> Result<Option<SagaRecord>, SagaError> {

@@ -6,8 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::def::{LogTxWork, StepContext};
 use crate::error::SagaError;
-use crate::log::{HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition};
+use crate::log::{
+    HistoryEntry, NewSaga, SagaId, SagaLogStore, SagaRecord, Status, Transition, WorkWrite,
+};
 
 /// The SQLite schema of the saga log: tables `{namespace}_sagas` and `{namespace}_saga_events`.
 ///
@@ -182,6 +185,45 @@ fn record(r: &SqliteRow) -> Result<SagaRecord, SagaError> {
     })
 }
 
+impl SqliteSagaLog {
+    /// The transition and its history line, in `tx` (not committed); `false`: fenced out.
+    async fn write_on(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        t: &Transition,
+    ) -> Result<bool, SagaError> {
+        let now = now_us();
+        let n = sqlx::query(q(&self.sql.write))
+            .bind(t.id.as_str())
+            .bind(t.generation)
+            .bind(t.status.as_str())
+            .bind(t.position)
+            .bind(t.outputs.as_deref())
+            .bind(i64::from(t.attempts))
+            .bind(t.error.as_deref())
+            .bind(t.parked_from.map(Status::as_str))
+            .bind(now)
+            .bind(t.lease.map(us))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        sqlx::query(q(&self.sql.event))
+            .bind(t.id.as_str())
+            .bind(now)
+            .bind(t.event)
+            .bind(t.step.as_deref())
+            .bind(t.error.as_deref())
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        Ok(true)
+    }
+}
+
 impl SagaLogStore for SqliteSagaLog {
     async fn create(&self, saga: &NewSaga) -> Result<(), SagaError> {
         let now = now_us();
@@ -234,37 +276,41 @@ impl SagaLogStore for SqliteSagaLog {
     }
 
     async fn write(&self, t: &Transition) -> Result<bool, SagaError> {
-        let now = now_us();
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let n = sqlx::query(q(&self.sql.write))
-            .bind(t.id.as_str())
-            .bind(t.generation)
-            .bind(t.status.as_str())
-            .bind(t.position)
-            .bind(t.outputs.as_deref())
-            .bind(i64::from(t.attempts))
-            .bind(t.error.as_deref())
-            .bind(t.parked_from.map(Status::as_str))
-            .bind(now)
-            .bind(t.lease.map(us))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?
-            .rows_affected();
-        if n == 0 {
+        if !self.write_on(&mut tx, t).await? {
             return Ok(false);
         }
-        sqlx::query(q(&self.sql.event))
-            .bind(t.id.as_str())
-            .bind(now)
-            .bind(t.event)
-            .bind(t.step.as_deref())
-            .bind(t.error.as_deref())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+
+    fn runs(&self, work: &LogTxWork) -> bool {
+        matches!(work, LogTxWork::Sqlite(_))
+    }
+
+    async fn write_with_work(
+        &self,
+        t: &Transition,
+        work: &LogTxWork,
+        ctx: &StepContext,
+        output: &serde_json::Value,
+    ) -> Result<WorkWrite, SagaError> {
+        #[allow(unreachable_patterns)] // with the `postgres` feature off, Sqlite is the only one
+        let work = match work {
+            LogTxWork::Sqlite(w) => w,
+            other => return Err(SagaError::Unsupported(other.database())),
+        };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if let Err(e) = work(&mut tx, ctx, output).await {
+            let _ = tx.rollback().await;
+            return Ok(WorkWrite::WorkFailed(e));
+        }
+        if !self.write_on(&mut tx, t).await? {
+            let _ = tx.rollback().await;
+            return Ok(WorkWrite::Fenced);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(WorkWrite::Written)
     }
 
     async fn get(&self, id: &SagaId) -> Result<Option<SagaRecord>, SagaError> {

@@ -298,3 +298,141 @@ async fn a_deadline_before_the_pivot_compensates() {
     );
     exec.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The order's "charge" step writes an outbox row in the log's own transaction. The executor
+/// dies after the row's insert and before the commit: no row, and the step is not recorded; a
+/// second executor runs it again. The work then fails once (a failed attempt, retried). In the
+/// end: one row per saga, written with the commit that recorded the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_work_in_the_log_transaction_commits_with_it_or_not_at_all() {
+    let db = cluster().create_database().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&db.primary_url)
+        .await
+        .unwrap();
+    let log = PgSagaLog::new(pool.clone(), "shop").unwrap();
+    log.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE outbox_events (saga text NOT NULL, key text NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let chaos = Arc::new(Chaos::default());
+    let fail_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let def = |chaos: Arc<Chaos>, fail_once: Arc<std::sync::atomic::AtomicBool>| {
+        SagaDef::builder("paid", 1)
+            .step(
+                Step::compensatable(
+                    "reserve",
+                    |_| async { Ok(json!("held")) },
+                    |_| async { Ok(()) },
+                )
+                .timeout(Duration::from_secs(1)),
+            )
+            .step(
+                Step::pivot("charge", |_| async { Ok(json!({ "receipt": 7 })) })
+                    .retry(RetryPolicy::new(
+                        3,
+                        Duration::from_millis(5),
+                        Duration::from_millis(20),
+                    ))
+                    .timeout(Duration::from_secs(1))
+                    .in_postgres_log_transaction(move |conn, ctx, output| {
+                        let (chaos, fail_once) = (chaos.clone(), fail_once.clone());
+                        let (saga, key) = (ctx.saga_id().to_string(), ctx.idempotency_key());
+                        assert_eq!(output["receipt"], 7, "the work sees the action's output");
+                        Box::pin(async move {
+                            sqlx::query("INSERT INTO outbox_events (saga, key) VALUES ($1, $2)")
+                                .bind(&saga)
+                                .bind(&key)
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(StepError::transient)?;
+                            chaos.at("work.inserted").await;
+                            if fail_once.swap(false, Ordering::SeqCst) {
+                                return Err(StepError::transient("broker table locked"));
+                            }
+                            Ok(())
+                        })
+                    }),
+            )
+            .build()
+            .unwrap()
+    };
+    let start = |name: &str| {
+        Executor::builder(log.clone())
+            .name(name)
+            .register(def(chaos.clone(), fail_once.clone()))
+            .lease(Duration::from_secs(3))
+            .poll_interval(Duration::from_millis(50))
+            .start()
+            .unwrap()
+    };
+    let rows = |saga: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_events WHERE saga = $1")
+                .bind(saga)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Dies between the work's insert and the commit.
+    chaos.arm("work.inserted");
+    let first = start("first");
+    let id = first.begin("paid", &json!({})).await.unwrap();
+    chaos.wait_hit().await;
+    first.abort().await;
+    assert_eq!(
+        rows(id.to_string()).await,
+        0,
+        "rolled back with the transaction"
+    );
+    let kinds: Vec<String> = first
+        .history(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.kind)
+        .collect();
+    assert_eq!(kinds, ["started", "step_completed"], "charge not recorded");
+
+    // A second executor takes the saga over once the lease expires; the work fails once first.
+    fail_once.store(true, Ordering::SeqCst);
+    let second = start("second");
+    let done = second.wait(&id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(rows(id.to_string()).await, 1, "one row, with the commit");
+    let kinds: Vec<String> = second
+        .history(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "step_completed", "step_failed", "completed"],
+        "the failed work is a failed attempt; the completion is recorded once"
+    );
+
+    // Without faults, many sagas: one row each.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(second.begin("paid", &json!({})).await.unwrap());
+    }
+    for id in &ids {
+        assert_eq!(
+            second
+                .wait(id, Duration::from_secs(10))
+                .await
+                .unwrap()
+                .status,
+            Status::Completed
+        );
+        assert_eq!(rows(id.to_string()).await, 1);
+    }
+    second.shutdown(Duration::from_secs(5)).await;
+}
