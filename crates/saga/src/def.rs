@@ -165,6 +165,10 @@ pub struct Step {
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Duration,
     pub(crate) log_tx: Option<LogTxWork>,
+    /// The branches of a parallel group (empty for a plain step).
+    pub(crate) branches: Vec<Step>,
+    /// Whether this step is a parallel group.
+    pub(crate) group: bool,
 }
 
 impl fmt::Debug for Step {
@@ -176,6 +180,24 @@ impl fmt::Debug for Step {
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// The failures of a group's branches as one error: permanent if any is, naming each branch.
+fn join_failures(failures: Vec<(&Arc<str>, StepError)>) -> Option<StepError> {
+    if failures.is_empty() {
+        return None;
+    }
+    let permanent = failures.iter().any(|(_, e)| e.is_permanent());
+    let message = failures
+        .iter()
+        .map(|(name, e)| format!("branch `{name}`: {}", e.message()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(if permanent {
+        StepError::permanent(message)
+    } else {
+        StepError::transient(message)
+    })
 }
 
 fn boxed_action<A, F>(action: A) -> Arc<ActionFn>
@@ -196,7 +218,95 @@ impl Step {
             retry: RetryPolicy::default(),
             timeout: Duration::from_secs(10),
             log_tx: None,
+            branches: Vec::new(),
+            group: false,
         }
+    }
+
+    /// A parallel group: `branches` run at once (fork), and the group completes when every
+    /// branch has (join). The branches are all compensatable (the group then comes before the
+    /// pivot) or all retriable (after it); each keeps its own name, which is part of its
+    /// idempotency key, and later steps read a branch's output by that name.
+    ///
+    /// The group is one step of the saga: the group's retry policy and timeout (set on the
+    /// returned step) apply to the whole group, and a retry runs every branch again, so
+    /// branches must be idempotent by their keys (a branch that already succeeded is called
+    /// again with the same key). When a compensatable group fails for good, the saga
+    /// compensates from the group itself: every branch's compensation runs, including those of
+    /// branches that failed or never ran, so a compensation must accept a key whose action was
+    /// never applied (and do nothing). The branches' own retry, timeout and log-transaction
+    /// settings are not used.
+    ///
+    /// ```
+    /// use stanchion_saga::{SagaDef, Step};
+    /// let ok = |_| async { Ok(serde_json::Value::Null) };
+    /// let undo = |_| async { Ok(()) };
+    /// let def = SagaDef::builder("trip", 1)
+    ///     .step(Step::parallel("book", vec![
+    ///         Step::compensatable("flight", ok, undo),
+    ///         Step::compensatable("hotel", ok, undo),
+    ///     ]))
+    ///     .step(Step::pivot("pay", ok))
+    ///     .build()?;
+    /// assert_eq!(def.steps().len(), 2);
+    /// # Ok::<(), stanchion_saga::DefinitionError>(())
+    /// ```
+    pub fn parallel(name: &str, branches: Vec<Step>) -> Self {
+        let kind = branches.first().map_or(StepKind::Compensatable, |b| b.kind);
+        let actions: Vec<(Arc<str>, Arc<ActionFn>)> = branches
+            .iter()
+            .map(|b| (Arc::clone(&b.name), Arc::clone(&b.action)))
+            .collect();
+        let action: Arc<ActionFn> = Arc::new(move |ctx: StepContext| {
+            let runs = actions.iter().map(|(name, action)| {
+                let mut branch = ctx.clone();
+                branch.step = Arc::clone(name);
+                action(branch)
+            });
+            let joined = futures_util::future::join_all(runs);
+            let names: Vec<Arc<str>> = actions.iter().map(|(n, _)| Arc::clone(n)).collect();
+            Box::pin(async move {
+                let mut outputs = serde_json::Map::new();
+                let mut failures = Vec::new();
+                for (name, result) in names.iter().zip(joined.await) {
+                    match result {
+                        Ok(v) => {
+                            outputs.insert(name.to_string(), v);
+                        }
+                        Err(e) => failures.push((name, e)),
+                    }
+                }
+                join_failures(failures).map_or(Ok(Value::Object(outputs)), Err)
+            })
+        });
+        let mut step = Self::new(name, kind, action);
+        let compensations: Option<Vec<(Arc<str>, Arc<CompensationFn>)>> = branches
+            .iter()
+            .map(|b| b.compensation.clone().map(|c| (Arc::clone(&b.name), c)))
+            .collect();
+        if let (StepKind::Compensatable, Some(compensations)) = (kind, compensations) {
+            step.compensation = Some(Arc::new(move |ctx: StepContext| {
+                let runs = compensations.iter().map(|(name, compensation)| {
+                    let mut branch = ctx.clone();
+                    branch.step = Arc::clone(name);
+                    compensation(branch)
+                });
+                let joined = futures_util::future::join_all(runs);
+                let names: Vec<Arc<str>> =
+                    compensations.iter().map(|(n, _)| Arc::clone(n)).collect();
+                Box::pin(async move {
+                    let failures: Vec<(&Arc<str>, StepError)> = names
+                        .iter()
+                        .zip(joined.await)
+                        .filter_map(|(name, r)| r.err().map(|e| (name, e)))
+                        .collect();
+                    join_failures(failures).map_or(Ok(()), Err)
+                })
+            }));
+        }
+        step.branches = branches;
+        step.group = true;
+        step
     }
 
     /// A step that can be undone by `compensation`.
@@ -307,6 +417,29 @@ impl Step {
     }
 }
 
+/// Why a parallel group cannot be used, if it cannot.
+fn group_problem(s: &Step) -> Option<&'static str> {
+    if !s.group {
+        return None;
+    }
+    let Some(first) = s.branches.first() else {
+        return Some("is a parallel group without branches");
+    };
+    if s.branches.iter().any(|b| !b.branches.is_empty()) {
+        return Some("is a parallel group inside a parallel group");
+    }
+    if s.log_tx.is_some() || s.branches.iter().any(|b| b.log_tx.is_some()) {
+        return Some("is a parallel group with work in the log transaction (not supported)");
+    }
+    match first.kind {
+        StepKind::Pivot => Some("is a parallel group with a pivot (a pivot runs alone)"),
+        kind if s.branches.iter().any(|b| b.kind != kind) => {
+            Some("is a parallel group mixing compensatable and retriable branches")
+        }
+        _ => None,
+    }
+}
+
 /// A named, versioned saga: its steps in order.
 ///
 /// ```
@@ -412,6 +545,28 @@ impl SagaDefBuilder {
                     saga,
                     step: s.name.to_string(),
                 });
+            }
+            if let Some(reason) = group_problem(s) {
+                return Err(DefinitionError::Order {
+                    saga,
+                    step: s.name.to_string(),
+                    reason,
+                });
+            }
+            for b in &s.branches {
+                if b.name.is_empty() || b.name.contains(':') {
+                    return Err(DefinitionError::Order {
+                        saga,
+                        step: b.name.to_string(),
+                        reason: "needs a non-empty name without `:` (it is part of idempotency keys)",
+                    });
+                }
+                if !seen.insert(b.name.clone()) {
+                    return Err(DefinitionError::DuplicateStep {
+                        saga,
+                        step: b.name.to_string(),
+                    });
+                }
             }
             match s.kind {
                 StepKind::Compensatable if past => {
@@ -537,6 +692,57 @@ mod tests {
             .contains("deadline")
         );
         assert!(err(SagaDef::builder("", 1).step(comp("a"))).contains("name"));
+    }
+
+    #[test]
+    fn bad_parallel_groups_are_refused_with_the_reason() {
+        let err = |b: SagaDefBuilder| b.build().unwrap_err().to_string();
+        let group = Step::parallel;
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![]))).contains("without branches")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![comp("a"), pivot("p")])))
+                .contains("mixing")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![pivot("p"), pivot("q")])))
+                .contains("a pivot runs alone")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![comp("a"), ok("b")])))
+                .contains("mixing")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![group("h", vec![comp("a")])])))
+                .contains("inside a parallel group")
+        );
+        // Branch names are idempotency keys too: unique across the saga.
+        assert!(
+            err(SagaDef::builder("s", 1)
+                .step(comp("a"))
+                .step(group("g", vec![comp("a"), comp("b")])))
+            .contains("two steps named `a`")
+        );
+        assert!(
+            err(SagaDef::builder("s", 1).step(group("g", vec![comp("x:y")])))
+                .contains("without `:`")
+        );
+        // A retriable group before the pivot, a compensatable one after it.
+        assert!(
+            err(SagaDef::builder("s", 1)
+                .step(pivot("p"))
+                .step(group("g", vec![comp("a"), comp("b")])))
+            .contains("after the pivot")
+        );
+        assert!(
+            SagaDef::builder("s", 1)
+                .step(group("g", vec![comp("a"), comp("b")]))
+                .step(pivot("p"))
+                .step(group("h", vec![ok("c"), ok("d")]))
+                .build()
+                .is_ok()
+        );
     }
 
     #[test]

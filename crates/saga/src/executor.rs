@@ -691,10 +691,13 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                         tracing::warn!(saga.step = %step.name, "saga deadline passed before the pivot; compensating");
                         let error = Some("deadline passed before the pivot".to_owned());
                         cause.clone_from(&error);
+                        // A parallel group may have run in part before a crash: it is
+                        // compensated too (its compensations accept keys never applied).
+                        let from = if step.group { pos } else { pos - 1 };
                         if !self
                             .write(fence(
                                 Status::Compensating,
-                                pos - 1,
+                                from,
                                 None,
                                 0,
                                 error,
@@ -707,7 +710,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             return;
                         }
                         status = Status::Compensating;
-                        pos -= 1;
+                        pos = from;
                         attempts = 0;
                         continue;
                     }
@@ -778,6 +781,14 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                     };
                     match result {
                         Ok(v) => {
+                            if step.group {
+                                // Later steps read a branch's output by the branch's name.
+                                if let Value::Object(branches) = &v {
+                                    for (name, out) in branches {
+                                        outputs.insert(name.clone(), out.clone());
+                                    }
+                                }
+                            }
                             outputs.insert(step.name.to_string(), v);
                             if !recorded && !self.write(completion(&outputs)).await {
                                 return;
@@ -804,10 +815,13 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                             if exhausted && !retriable {
                                 tracing::warn!(saga.step = %step.name, error = %e, "saga step failed; compensating");
                                 cause = Some(e.to_string());
+                                // A parallel group that failed may have applied some branches:
+                                // compensation starts at the group itself.
+                                let from = if step.group { pos } else { pos - 1 };
                                 if !self
                                     .write(fence(
                                         Status::Compensating,
-                                        pos - 1,
+                                        from,
                                         None,
                                         0,
                                         Some(e.to_string()),
@@ -820,7 +834,7 @@ impl<L: SagaLogStore + Clone> Inner<L> {
                                     return;
                                 }
                                 status = Status::Compensating;
-                                pos -= 1;
+                                pos = from;
                                 attempts = 0;
                                 continue;
                             }

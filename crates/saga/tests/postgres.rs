@@ -436,3 +436,234 @@ async fn a_steps_work_in_the_log_transaction_commits_with_it_or_not_at_all() {
     }
     second.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A trip: hold (compensatable), then flight, hotel and car booked at once (a parallel group),
+/// then pay (the pivot, which reads the flight's output). Every call is counted per
+/// idempotency key in `calls`; `booked` holds what is applied and not compensated.
+fn trip(
+    pool: sqlx::PgPool,
+    chaos: Arc<Chaos>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+) -> SagaDef {
+    let call = move |pool: sqlx::PgPool, key: String, what: &'static str, undo: bool| async move {
+        let mut tx = pool.begin().await.map_err(StepError::transient)?;
+        sqlx::query(
+            "INSERT INTO calls (key, n) VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET n = calls.n + 1",
+        )
+        .bind(&key)
+        .execute(&mut *tx)
+        .await
+        .map_err(StepError::transient)?;
+        let q = if undo {
+            "DELETE FROM booked WHERE what = $1 AND key = $2"
+        } else {
+            "INSERT INTO booked (what, key) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        };
+        // The undo names the action's key (the compensation's own key ends in `:compensation`).
+        let action_key = key.trim_end_matches(":compensation").to_owned();
+        sqlx::query(q)
+            .bind(what)
+            .bind(action_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(StepError::transient)?;
+        tx.commit().await.map_err(StepError::transient)?;
+        Ok::<(), StepError>(())
+    };
+    let branch = |what: &'static str| {
+        let (p1, p2, chaos, running, most) = (
+            pool.clone(),
+            pool.clone(),
+            chaos.clone(),
+            running.clone(),
+            most.clone(),
+        );
+        Step::compensatable(
+            what,
+            move |ctx| {
+                let (pool, chaos, running, most) =
+                    (p1.clone(), chaos.clone(), running.clone(), most.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    let input: serde_json::Value = ctx.input()?;
+                    if input["fail"] == what {
+                        return Err(StepError::permanent(format!("no {what} available")));
+                    }
+                    call(pool, ctx.idempotency_key(), what, false).await?;
+                    chaos.at(&format!("{what}.booked")).await;
+                    Ok(json!({ "booked": what }))
+                }
+            },
+            move |ctx| {
+                let pool = p2.clone();
+                async move { call(pool, ctx.idempotency_key(), what, true).await }
+            },
+        )
+    };
+    let (p_hold, p_release, p_pay) = (pool.clone(), pool.clone(), pool.clone());
+    SagaDef::builder("trip", 1)
+        .step(
+            Step::compensatable(
+                "hold",
+                move |ctx| {
+                    let held = call(p_hold.clone(), ctx.idempotency_key(), "hold", false);
+                    async move {
+                        held.await?;
+                        Ok(json!("held"))
+                    }
+                },
+                move |ctx| call(p_release.clone(), ctx.idempotency_key(), "hold", true),
+            )
+            .timeout(Duration::from_secs(1)),
+        )
+        .step(
+            Step::parallel(
+                "book",
+                vec![branch("flight"), branch("hotel"), branch("car")],
+            )
+            .retry(RetryPolicy::new(
+                3,
+                Duration::from_millis(5),
+                Duration::from_millis(20),
+            ))
+            .timeout(Duration::from_secs(1)),
+        )
+        .step(
+            Step::pivot("pay", move |ctx| {
+                let pool = p_pay.clone();
+                async move {
+                    let flight: serde_json::Value = ctx.output("flight")?;
+                    assert_eq!(flight["booked"], "flight");
+                    call(pool, ctx.idempotency_key(), "pay", false).await?;
+                    Ok(json!("paid"))
+                }
+            })
+            .timeout(Duration::from_secs(1)),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_group_runs_its_branches_at_once_and_compensates_all_of_them() {
+    use std::sync::atomic::AtomicUsize;
+    let db = cluster().create_database().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&db.primary_url)
+        .await
+        .unwrap();
+    let log = PgSagaLog::new(pool.clone(), "shop").unwrap();
+    log.migrate().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE calls (key text PRIMARY KEY, n int NOT NULL);
+         CREATE TABLE booked (what text NOT NULL, key text NOT NULL, PRIMARY KEY (what, key));",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let chaos = Arc::new(Chaos::default());
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let start = |name: &str| {
+        Executor::builder(log.clone())
+            .name(name)
+            .register(trip(
+                pool.clone(),
+                chaos.clone(),
+                running.clone(),
+                most.clone(),
+            ))
+            .lease(Duration::from_secs(3))
+            .poll_interval(Duration::from_millis(50))
+            .start()
+            .unwrap()
+    };
+    let booked = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let mut rows: Vec<String> = sqlx::query_scalar(
+                "SELECT what FROM booked WHERE key LIKE $1 || ':%' ORDER BY what",
+            )
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.sort();
+            rows
+        }
+    };
+    let calls = |key: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT n FROM calls WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    let exec = start("one");
+
+    // Fork and join: the three bookings overlap.
+    let id = exec.begin("trip", &json!({})).await.unwrap();
+    let done = exec.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        3,
+        "all three branches ran at once"
+    );
+    assert_eq!(
+        booked(id.to_string()).await,
+        ["car", "flight", "hold", "hotel", "pay"]
+    );
+
+    // The hotel is full: the flight and the car were booked and are cancelled, the hotel's
+    // compensation runs too (with nothing to undo), then the hold is released.
+    let id = exec
+        .begin("trip", &json!({ "fail": "hotel" }))
+        .await
+        .unwrap();
+    let done = exec.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(done.status, Status::Compensated);
+    assert!(
+        done.error
+            .as_deref()
+            .is_some_and(|e| e.contains("branch `hotel`")),
+        "{done:?}"
+    );
+    assert!(booked(id.to_string()).await.is_empty(), "everything undone");
+    for what in ["flight", "hotel", "car", "hold"] {
+        assert_eq!(
+            calls(format!("{id}:{what}:compensation")).await,
+            1,
+            "{what} compensated once"
+        );
+    }
+    assert_eq!(calls(format!("{id}:pay")).await, 0, "never charged");
+
+    // The executor dies inside the group, after the car was booked; another one runs the
+    // group again: every branch is called again with its key, each applied once.
+    chaos.arm("car.booked");
+    let id = exec.begin("trip", &json!({})).await.unwrap();
+    chaos.wait_hit().await;
+    exec.abort().await;
+    let second = start("two");
+    let done = second.wait(&id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(
+        booked(id.to_string()).await,
+        ["car", "flight", "hold", "hotel", "pay"]
+    );
+    assert_eq!(
+        calls(format!("{id}:car")).await,
+        2,
+        "the car's call was repeated, applied once"
+    );
+    second.shutdown(Duration::from_secs(5)).await;
+}
