@@ -8,7 +8,7 @@
 //!
 //! A test binary without the libtest harness, so that its `main` can be a relay.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -17,7 +17,7 @@ use stanchion_outbox::{
     Event, MessageId, OutboxConfig, PgInbox, PgOutbox, RedisStreamConsumer, RedisStreamPublisher,
     Relay,
 };
-use stanchion_testkit::{PostgresCluster, RedisServer};
+use stanchion_testkit::{PostgresCluster, RedisServer, child};
 
 const STREAM: &str = "shop-events";
 const LANES: u32 = 8;
@@ -43,26 +43,16 @@ fn main() {
         .expect("runtime");
     match std::env::var("OUTBOX_CHILD_RELAY") {
         Ok(name) => rt.block_on(child_relay(name)),
-        Err(_) => {
-            println!("\nrunning 1 test");
+        Err(_) => child::run_as_test("relays_in_processes_killed_at_random_lose_nothing", || {
             rt.block_on(relays_in_processes_killed_at_random_lose_nothing());
-            println!(
-                "test relays_in_processes_killed_at_random_lose_nothing ... ok\n\n\
-                 test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n"
-            );
-        }
+        }),
     }
 }
 
 /// A relay process: runs until killed, or until the test process is gone (its end of our
 /// stdin closes), so that a failed run leaves no relay behind.
 async fn child_relay(name: String) {
-    std::thread::spawn(|| {
-        use std::io::Read;
-        let mut buf = [0u8; 64];
-        while std::io::stdin().read(&mut buf).is_ok_and(|n| n > 0) {}
-        std::process::exit(0);
-    });
+    child::exit_with_parent();
     let database = std::env::var("OUTBOX_CHILD_DATABASE").expect("database url");
     let redis_url = std::env::var("OUTBOX_CHILD_REDIS").expect("redis url");
     let pool = PgPoolOptions::new()
@@ -89,15 +79,13 @@ async fn child_relay(name: String) {
 }
 
 fn spawn_relay(n: usize, database: &str, redis_url: &str) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .env("OUTBOX_CHILD_RELAY", format!("relay-{n}"))
-        .env("OUTBOX_CHILD_DATABASE", database)
-        .env("OUTBOX_CHILD_REDIS", redis_url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn relay process")
+    let name = format!("relay-{n}");
+    child::spawn_self(&[
+        ("OUTBOX_CHILD_RELAY", &name),
+        ("OUTBOX_CHILD_DATABASE", database),
+        ("OUTBOX_CHILD_REDIS", redis_url),
+    ])
+    .expect("spawn relay process")
 }
 
 async fn relays_in_processes_killed_at_random_lose_nothing() {

@@ -8,14 +8,14 @@
 //!
 //! A test binary without the libtest harness, so that its `main` can be an executor.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use stanchion_saga::{Executor, PgSagaLog, RetryPolicy, SagaDef, Step, StepError};
-use stanchion_testkit::PostgresCluster;
+use stanchion_testkit::{PostgresCluster, child};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -25,14 +25,12 @@ fn main() {
         .expect("runtime");
     match std::env::var("SAGA_CHILD_EXECUTOR") {
         Ok(name) => rt.block_on(child_executor(name)),
-        Err(_) => {
-            println!("\nrunning 1 test");
-            rt.block_on(executors_in_processes_killed_at_random_finish_every_saga_once());
-            println!(
-                "test executors_in_processes_killed_at_random_finish_every_saga_once ... ok\n\n\
-                 test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n"
-            );
-        }
+        Err(_) => child::run_as_test(
+            "executors_in_processes_killed_at_random_finish_every_saga_once",
+            || {
+                rt.block_on(executors_in_processes_killed_at_random_finish_every_saga_once());
+            },
+        ),
     }
 }
 
@@ -134,12 +132,7 @@ async fn executor(database: &str, name: &str) -> (Executor<PgSagaLog>, PgPool) {
 /// An executor process: begins orders until killed, or until the test process is gone (its end
 /// of our stdin closes).
 async fn child_executor(name: String) {
-    std::thread::spawn(|| {
-        use std::io::Read;
-        let mut buf = [0u8; 64];
-        while std::io::stdin().read(&mut buf).is_ok_and(|n| n > 0) {}
-        std::process::exit(0);
-    });
+    child::exit_with_parent();
     let database = std::env::var("SAGA_CHILD_DATABASE").expect("database url");
     let (exec, _pool) = executor(&database, &name).await;
     loop {
@@ -156,14 +149,12 @@ async fn child_executor(name: String) {
 }
 
 fn spawn_executor(n: usize, database: &str) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .env("SAGA_CHILD_EXECUTOR", format!("executor-{n}"))
-        .env("SAGA_CHILD_DATABASE", database)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn executor process")
+    let name = format!("executor-{n}");
+    child::spawn_self(&[
+        ("SAGA_CHILD_EXECUTOR", &name),
+        ("SAGA_CHILD_DATABASE", database),
+    ])
+    .expect("spawn executor process")
 }
 
 async fn executors_in_processes_killed_at_random_finish_every_saga_once() {

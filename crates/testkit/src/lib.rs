@@ -31,6 +31,7 @@
 //! The synchronous API blocks briefly (starting a server, running `psql`): call it from set-up
 //! code or through `tokio::task::spawn_blocking` in async tests that must keep their runtime free.
 
+pub mod child;
 mod error;
 mod nats;
 mod postgres;
