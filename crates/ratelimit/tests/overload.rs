@@ -62,3 +62,81 @@ async fn a_store_used_directly_refuses_checks_beyond_its_queue_while_redis_hangs
     // Once Redis answers, the queue drains and new checks are accepted again.
     assert!(store.check("after", &limits, 1).await.unwrap().is_allowed());
 }
+
+/// Checks whose callers gave up while Redis hung (their timeout passed, or their future was
+/// dropped) are not sent once it answers again: the keys they named are never charged, and the
+/// store counts them as abandoned. Only the checks already on the wire are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_whose_callers_gave_up_are_never_sent() {
+    use stanchion_ratelimit::RateLimitStore;
+    use std::sync::Arc;
+    type Store = RedisStore<redis::aio::ConnectionManager>;
+
+    let server = RedisServer::start().unwrap();
+    let prefix = support::prefix("abandoned");
+    let store: Arc<Store> = Arc::new(RedisStore::new(
+        support::manager(&server.url()).await,
+        &prefix,
+    ));
+    let limits = Arc::new(Limits::single(Quota::per_minute(10).unwrap()));
+    assert!(store.check("warm", &limits, 1).await.unwrap().is_allowed());
+    server.pause().unwrap();
+    // Two checks go out at once and hang on the wire (the store's calls in flight); their
+    // callers keep waiting.
+    let mut on_wire = Vec::new();
+    for i in 0..2 {
+        let (store, limits) = (store.clone(), limits.clone());
+        on_wire.push(tokio::spawn(async move {
+            store.check(&format!("wire{i}"), &limits, 1).await
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then 300 checks queue behind them; half time out, half have their task aborted.
+    let mut gave_up = Vec::new();
+    for i in 0..300 {
+        let (store, limits) = (store.clone(), limits.clone());
+        gave_up.push(tokio::spawn(async move {
+            tokio::time::timeout(
+                Duration::from_millis(if i % 2 == 0 { 30 } else { 10_000 }),
+                store.check(&format!("late{i}"), &limits, 1),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (i, t) in gave_up.iter().enumerate() {
+        if i % 2 == 1 {
+            t.abort();
+        }
+    }
+    for (i, t) in gave_up.into_iter().enumerate() {
+        match t.await {
+            Ok(result) => {
+                assert_eq!(i % 2, 0);
+                assert!(result.is_err(), "check {i} answered while Redis hung");
+            }
+            Err(e) => assert!(e.is_cancelled() && i % 2 == 1),
+        }
+    }
+    server.resume().unwrap();
+    for t in on_wire {
+        let d = t.await.unwrap().unwrap();
+        assert!(d.is_allowed());
+    }
+    // Give the batcher time to form (and drop) the next batches.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut conn = server.connection().unwrap();
+    let late: Vec<String> = (0..300).map(|i| store.redis_key(&format!("late{i}"))).collect();
+    let charged: usize = redis::cmd("EXISTS").arg(&late).query(&mut conn).unwrap();
+    assert_eq!(charged, 0, "keys of abandoned checks were charged");
+    let wire: usize = redis::cmd("EXISTS")
+        .arg(store.redis_key("wire0"))
+        .arg(store.redis_key("wire1"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(wire, 2);
+    let stats = store.batch_stats();
+    assert_eq!(stats.abandoned, 300, "{stats:?}");
+    // And the store keeps working.
+    assert!(store.check("after", &limits, 1).await.unwrap().is_allowed());
+}

@@ -58,6 +58,8 @@ struct Exec<C> {
     by_slot: AtomicBool,
     calls: AtomicU64,
     checks: AtomicU64,
+    /// Checks dropped before sending because their caller had stopped waiting.
+    abandoned: AtomicU64,
     /// Checks sent to the batcher and not yet in a batch.
     queued: AtomicUsize,
 }
@@ -70,6 +72,9 @@ pub struct BatchStats {
     pub script_calls: u64,
     /// Checks answered by them.
     pub checks: u64,
+    /// Checks never sent because their caller had stopped waiting (timed out or dropped the
+    /// future) before their batch went out: they charged nothing.
+    pub abandoned: u64,
 }
 
 /// GCRA state in Redis, through any async redis-rs connection: a
@@ -158,6 +163,7 @@ where
                 by_slot: AtomicBool::new(false),
                 calls: AtomicU64::new(0),
                 checks: AtomicU64::new(0),
+                abandoned: AtomicU64::new(0),
                 queued: AtomicUsize::new(0),
             }),
             queue: Arc::new(OnceCell::new()),
@@ -180,6 +186,7 @@ where
             by_slot: AtomicBool::new(self.exec.by_slot.load(Ordering::Relaxed)),
             calls: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
         };
         Self {
@@ -194,6 +201,7 @@ where
         BatchStats {
             script_calls: self.exec.calls.load(Ordering::Relaxed),
             checks: self.exec.checks.load(Ordering::Relaxed),
+            abandoned: self.exec.abandoned.load(Ordering::Relaxed),
         }
     }
 
@@ -272,7 +280,19 @@ impl<C> Exec<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    async fn execute(&self, jobs: Vec<Job>) {
+    async fn execute(&self, mut jobs: Vec<Job>) {
+        // A check whose caller stopped waiting (its timeout passed while the batch waited for
+        // a free call, or its future was dropped) is not sent: it would charge quota nobody
+        // uses, and the caller has already been answered by the fallback.
+        let before = jobs.len();
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.len() < before {
+            self.abandoned
+                .fetch_add((before - jobs.len()) as u64, Ordering::Relaxed);
+        }
+        if jobs.is_empty() {
+            return;
+        }
         if !self.by_slot.load(Ordering::Relaxed) || jobs.len() == 1 {
             match self.call(&jobs).await {
                 Err(e) if is_cross_slot(&e) => {
