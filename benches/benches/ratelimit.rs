@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use stanchion_ratelimit::{Limits, LocalLimiter, Quota, RateLimitStore, RedisStore};
-use stanchion_testkit::RedisServer;
+use stanchion_testkit::{RedisCluster, RedisServer};
 
 const KEYS: u64 = 10_000;
 
@@ -23,6 +23,26 @@ local new = tat + em
 if new - now > cap then return {1, 0} end
 redis.call("SET", KEYS[1], string.format("%d", new), "PX", math.floor((new - now) / 1000) + 1)
 return {0, math.floor((cap - (new - now)) / em)}
+"#;
+
+/// The same minimal GCRA for every key of one call (the ceiling of a script that coalesces
+/// checks, as the store does): `ARGV[1]` emission interval, `ARGV[2]` capacity.
+const MINIMAL_GCRA_MANY: &str = r#"
+local t = redis.call("TIME")
+local now = t[1] * 1000000 + t[2]
+local em = tonumber(ARGV[1]) local cap = tonumber(ARGV[2])
+local tats = redis.call("MGET", unpack(KEYS))
+local out = {}
+for i, key in ipairs(KEYS) do
+  local tat = tonumber(tats[i]) or now
+  if tat < now then tat = now end
+  local new = tat + em
+  if new - now > cap then out[i] = 0 else
+    redis.call("SET", key, string.format("%d", new), "PX", math.floor((new - now) / 1000) + 1)
+    out[i] = math.floor((cap - (new - now)) / em) + 1
+  end
+end
+return out
 "#;
 
 fn in_process(c: &mut Criterion) {
@@ -124,6 +144,42 @@ fn redis_in_flight(c: &mut Criterion) {
             })
         })
     });
+    // Like for like with the store's coalescing: checks grouped 64 to a call of the minimal
+    // script over many keys, two calls in flight (the store's own limit).
+    let many = Arc::new(redis::Script::new(MINIMAL_GCRA_MANY));
+    g.bench_function("bare_evalsha_minimal_gcra_64_keys_per_call", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (conn, script) = (conn.clone(), many.clone());
+            async move {
+                let start = Instant::now();
+                let mut calls = Vec::new();
+                for lane in 0..2u64 {
+                    let (mut conn, script) = (conn.clone(), script.clone());
+                    calls.push(tokio::spawn(async move {
+                        let mut i = lane * 64;
+                        while i < iters {
+                            let mut inv = script.prepare_invoke();
+                            for k in i..(i + 64).min(iters) {
+                                inv.key(format!("many:{{k{}}}", k % 1000));
+                            }
+                            let v: Vec<i64> = inv
+                                .arg(1u64)
+                                .arg(1_000_000u64)
+                                .invoke_async(&mut conn)
+                                .await
+                                .expect("EVALSHA");
+                            black_box(v);
+                            i += 128;
+                        }
+                    }));
+                }
+                for c in calls {
+                    c.await.expect("task");
+                }
+                start.elapsed()
+            }
+        })
+    });
     let store = Arc::new(RedisStore::new(conn.clone(), "bench:"));
     let limits = Arc::new(
         Limits::new()
@@ -151,7 +207,35 @@ fn redis_in_flight(c: &mut Criterion) {
             })
         });
     }
+    // The same checks on a three-master Redis Cluster: keys spread over many hash slots, each
+    // batch sent as one call per slot, all at once.
+    let cluster = RedisCluster::start(3).expect("redis cluster");
+    let cluster_store = rt.block_on(async {
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("urls");
+        let conn = client.get_async_connection().await.expect("connects");
+        Arc::new(RedisStore::new(conn, "bench:").for_cluster())
+    });
+    let one_limit = Arc::new(Limits::single(Quota::per_second(1_000_000).unwrap()));
+    g.bench_function("stanchion_redis_cluster_check_one_limit", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let (store, limits) = (cluster_store.clone(), one_limit.clone());
+            drive(iters, move |i| {
+                let (store, limits) = (store.clone(), limits.clone());
+                async move {
+                    let key = format!("k{}", i % 1000);
+                    let d = store.check(&key, &limits, 1).await.expect("check");
+                    black_box(d);
+                }
+            })
+        })
+    });
     g.finish();
+    let stats = cluster_store.batch_stats();
+    eprintln!(
+        "cluster coalescing: {stats:?} ({:.1} checks per script call)",
+        stats.checks as f64 / stats.script_calls.max(1) as f64
+    );
+    drop(cluster);
     let stats = store.batch_stats();
     eprintln!(
         "coalescing: {stats:?} ({:.1} checks per script call)",

@@ -1,9 +1,8 @@
 //! The shared limiter: a store, a timeout, a failure mode, a deny cache and shadow mode.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::{Clock, MonotonicClock};
@@ -21,9 +20,10 @@ pub enum FailureMode {
     Open,
     /// Deny every request: protection first (an expensive or abusable endpoint).
     Closed,
-    /// Decide in this process with the quota divided by the expected number of `instances`
-    /// (each request costs `instances` units against the full quota): approximately the global
-    /// limit while every instance sees a similar share of traffic.
+    /// Decide in this process with each quota's rate divided by the expected number of
+    /// `instances` (an emission interval `instances` times longer, the burst divided too but
+    /// at least one request): together the instances admit at most the global rate, plus a
+    /// burst of at most `max(burst, instances)`, however the traffic is spread over them.
     Local {
         /// Instances expected to share the traffic (at least 1).
         instances: u32,
@@ -90,7 +90,9 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
         self
     }
 
-    /// Keys remembered as denied (default 100 000; 0 turns the deny cache off).
+    /// Keys remembered as denied (default 100 000; 0 turns the deny cache off). The cache is a
+    /// moka cache: each denial expires when it ends, and a full cache evicts the entries least
+    /// likely to be asked again (TinyLFU), in constant time per insert.
     pub fn deny_cache_capacity(mut self, capacity: usize) -> Self {
         self.deny_cache_capacity = capacity;
         self
@@ -367,6 +369,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                     quota: decision.quota,
                     tat: now.saturating_add(micros(decision.reset_after)),
                     until: now.saturating_add(micros(wait)),
+                    ttl: 0,
                 },
                 now,
             );
@@ -415,15 +418,13 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                 source: Source::Fallback,
             },
             FailureMode::Local { instances } => {
-                // Each request costs `instances` units of the full quota: quota / instances,
-                // without rebuilding limits. Never impossible because of the scaling.
-                let max_cost = limits
-                    .quotas()
-                    .map(|(_, q)| q.burst_size())
-                    .min()
-                    .unwrap_or(1);
-                let scaled = cost.saturating_mul(instances).min(max_cost);
-                inner.fallback.check_limits(key, limits, scaled)
+                // This instance's share: the quota's rate divided by `instances` (a longer
+                // emission interval), not a larger cost against the full burst, which let each
+                // instance admit a whole burst per burst period.
+                let share = limits.share(instances, cost);
+                let mut d = inner.fallback.check_limits(key, &share, cost);
+                d.limit = limits.quota(d.quota).map_or(d.limit, |q| q.burst_size());
+                d
             }
         };
         decision.source = Source::Fallback;
@@ -478,80 +479,160 @@ struct Denial {
     tat: u64,
     /// When a request of `cost` passes (local clock, microseconds).
     until: u64,
+    /// `until` less the time it was remembered: how long the cache keeps it.
+    ttl: u64,
 }
 
-/// Keys denied until a time, remembered locally. Bounded: when a shard is full, expired entries
-/// are swept, at most once until the earliest entry of the shard expires; if it is still full,
-/// new denials are not remembered (they go to the store, which is always right).
+/// Keys denied until a time, remembered locally: a moka cache bounded by `capacity` entries
+/// (TinyLFU admission and eviction, O(1) per insert; no sweep under a lock), each entry expiring
+/// when its denial ends. A denial the cache has no room for goes to the store next time, which
+/// is always right. Keys come from clients, so they are hashed with std's keyed SipHash
+/// (moka's default).
 struct DenyCache {
-    capacity: usize,
-    shards: Box<[Mutex<Shard>]>,
+    cache: Option<moka::sync::Cache<String, Denial>>,
 }
 
-#[derive(Default)]
-struct Shard {
-    entries: HashMap<String, Denial>,
-    /// A sweep before this time would find nothing expired.
-    next_sweep: u64,
+/// Expires a remembered denial when it stops being true.
+struct UntilDenialEnds;
+
+impl moka::Expiry<String, Denial> for UntilDenialEnds {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        denial: &Denial,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_micros(denial.ttl))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        denial: &Denial,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Duration::from_micros(denial.ttl))
+    }
 }
 
 impl DenyCache {
-    const SHARDS: usize = 16;
-
     fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
-        }
-    }
-
-    fn shard(&self, key: &str) -> &Mutex<Shard> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize;
-        &self.shards[h % Self::SHARDS]
+        let cache = (capacity > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(capacity as u64)
+                .expire_after(UntilDenialEnds)
+                .build()
+        });
+        Self { cache }
     }
 
     fn get(&self, key: &str, cost: u32, now: u64) -> Option<Denial> {
-        if self.capacity == 0 {
-            return None;
-        }
-        let shard = self.shard(key).lock().ok()?;
-        shard
-            .entries
+        self.cache
+            .as_ref()?
             .get(key)
-            .copied()
             .filter(|d| d.cost == cost && d.until > now)
     }
 
     fn remove(&self, key: &str) {
-        if self.capacity == 0 {
-            return;
-        }
-        if let Ok(mut shard) = self.shard(key).lock()
-            && !shard.entries.is_empty()
+        if let Some(cache) = &self.cache
+            && cache.contains_key(key)
         {
-            shard.entries.remove(key);
+            cache.invalidate(key);
         }
     }
 
-    fn insert(&self, key: &str, denial: Denial, now: u64) {
-        if self.capacity == 0 {
-            return;
+    fn insert(&self, key: &str, mut denial: Denial, now: u64) {
+        if let Some(cache) = &self.cache {
+            denial.ttl = denial.until.saturating_sub(now);
+            cache.insert(key.to_owned(), denial);
         }
-        let Ok(mut shard) = self.shard(key).lock() else {
-            return;
-        };
-        let per_shard = self.capacity.div_ceil(Self::SHARDS);
-        if shard.entries.len() >= per_shard && !shard.entries.contains_key(key) {
-            if now < shard.next_sweep {
-                return;
-            }
-            shard.entries.retain(|_, d| d.until > now);
-            shard.next_sweep = shard.entries.values().map(|d| d.until).min().unwrap_or(0);
-            if shard.entries.len() >= per_shard {
-                return;
-            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Denial, DenyCache};
+
+    fn denial(cost: u32, now: u64, for_us: u64) -> Denial {
+        Denial {
+            cost,
+            quota: 0,
+            tat: now + for_us,
+            until: now + for_us,
+            ttl: 0,
         }
-        shard.entries.insert(key.to_owned(), denial);
+    }
+
+    /// An attacker rotating keys fills the deny cache: it stays within its capacity, every
+    /// insert stays cheap (no sweep of the whole cache under a lock), and the keys it keeps
+    /// still answer.
+    #[test]
+    fn a_full_deny_cache_stays_bounded_and_cheap() {
+        let cache = DenyCache::new(1_000);
+        let now = 1_000_000;
+        let mut slowest = std::time::Duration::ZERO;
+        for i in 0..100_000u64 {
+            let key = format!("attacker-{i}");
+            let start = std::time::Instant::now();
+            cache.insert(&key, denial(1, now, 3_600_000_000), now);
+            slowest = slowest.max(start.elapsed());
+        }
+        let moka = cache.cache.as_ref().unwrap();
+        moka.run_pending_tasks();
+        assert!(
+            moka.entry_count() <= 1_000,
+            "{} entries",
+            moka.entry_count()
+        );
+        // Generous for a loaded debug build; a sweep of a full shard took milliseconds.
+        assert!(
+            slowest < std::time::Duration::from_millis(50),
+            "{slowest:?}"
+        );
+        // A key asked about often is kept over one-off keys.
+        for _ in 0..5 {
+            cache.insert("regular", denial(1, now, 3_600_000_000), now);
+            let _ = cache.get("regular", 1, now);
+        }
+        for i in 100_000..110_000u64 {
+            cache.insert(&format!("attacker-{i}"), denial(1, now, 3_600_000_000), now);
+        }
+        moka.run_pending_tasks();
+        assert!(cache.get("regular", 1, now).is_some());
+    }
+
+    /// A remembered denial answers only its own cost and only until it ends; after that the
+    /// entry is gone from the cache, not just filtered.
+    #[test]
+    fn a_denial_expires_when_it_ends() {
+        let cache = DenyCache::new(100);
+        let now = 1_000_000;
+        cache.insert("k", denial(2, now, 30_000), now);
+        assert!(cache.get("k", 2, now).is_some());
+        assert!(
+            cache.get("k", 1, now).is_none(),
+            "a cheaper request may pass"
+        );
+        assert!(cache.get("k", 2, now + 30_000).is_none(), "ended");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let moka = cache.cache.as_ref().unwrap();
+        assert!(!moka.contains_key("k"));
+        // Removed by moka's timer wheel (about one second granularity).
+        let start = std::time::Instant::now();
+        loop {
+            moka.run_pending_tasks();
+            if moka.entry_count() == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "never removed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let off = DenyCache::new(0);
+        off.insert("k", denial(1, now, 30_000), now);
+        assert!(off.get("k", 1, now).is_none());
     }
 }

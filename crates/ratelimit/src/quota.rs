@@ -235,6 +235,38 @@ impl Limits {
         self.quotas.is_empty()
     }
 
+    /// One instance's share of these limits when `instances` decide apart (the limiter's
+    /// `FailureMode::Local`): each quota's emission interval `instances` times longer, its burst
+    /// divided by `instances` but at least one request and at least `cost`. Together the
+    /// instances then admit at most the rate, plus a burst of `max(burst, instances)`.
+    pub(crate) fn share(&self, instances: u32, cost: u32) -> Limits {
+        let n = instances.max(1);
+        Limits {
+            quotas: self
+                .quotas
+                .iter()
+                .map(|(name, q)| {
+                    let burst = (q.burst / n).max(cost).clamp(1, q.burst);
+                    // Capacity stays under the cap the Redis script needs exact; only a share
+                    // longer than 35 years is shortened.
+                    let emission_micros = q
+                        .emission_micros
+                        .saturating_mul(u64::from(n))
+                        .min(MAX_CAPACITY_MICROS / u64::from(burst));
+                    (
+                        name.clone(),
+                        Quota {
+                            rate: q.rate,
+                            period: q.period,
+                            burst,
+                            emission_micros,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
     pub(crate) fn quota(&self, i: usize) -> Option<&Quota> {
         self.quotas.get(i).map(|(_, q)| q)
     }
@@ -314,5 +346,82 @@ where
     fn select(&self, key: &K) -> &Limits {
         let i = (self.pick)(key).min(self.plans.len() - 1);
         &self.plans[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::{Limits, Quota};
+    use crate::clock::ManualClock;
+    use crate::local::LocalLimiter;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// `instances` limiters deciding apart on their share admit, over any window, at most
+        /// the global rate times the window plus `max(burst, instances)` (the `Local` failure
+        /// mode's bound), however the requests are spread over them.
+        #[test]
+        fn shares_never_admit_more_than_the_global_rate(
+            rate in 1u32..50,
+            burst in 1u32..20,
+            instances in 1u32..40,
+            steps in proptest::collection::vec((0u32..40, 0u64..400_000, 1u32..4), 50..400),
+        ) {
+            let quota = Quota::new(rate, Duration::from_secs(1)).unwrap().burst(burst).unwrap();
+            let limits = Limits::single(quota);
+            let clock = ManualClock::new();
+            clock.advance(Duration::from_secs(1));
+            let local: Vec<LocalLimiter<String, Limits, ManualClock>> = (0..instances)
+                .map(|_| LocalLimiter::with_selector(limits.clone(), clock.clone()).unwrap())
+                .collect();
+            // (time, units) of every admission, across instances.
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (who, gap, cost) in steps {
+                clock.advance(Duration::from_micros(gap));
+                let cost = cost.min(burst);
+                let share = limits.share(instances, cost);
+                let d = local[(who % instances) as usize].check_limits("k", &share, cost);
+                if d.is_allowed() {
+                    admitted.push((crate::Clock::now_micros(&clock), u64::from(cost)));
+                }
+            }
+            let em = quota.emission_micros();
+            // Each instance holds at most a burst of max(burst / instances, cost) units.
+            let slack = u64::from(burst.max(instances * burst.min(3)));
+            for i in 0..admitted.len() {
+                let mut units = 0;
+                for &(t, c) in &admitted[i..] {
+                    units += c;
+                    let window = t - admitted[i].0;
+                    // Units the global quota admits in `window`, plus the burst allowance.
+                    let bound = window / em + 1 + slack;
+                    prop_assert!(units <= bound, "{units} units in {window} us (bound {bound})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_share_lengthens_the_interval_instead_of_raising_the_cost() {
+        let limits = Limits::single(Quota::per_minute(2).unwrap());
+        let share = limits.share(10, 1);
+        let q = share.quota(0).unwrap();
+        assert_eq!(q.burst_size(), 1);
+        assert_eq!(q.emission_interval(), Duration::from_secs(300));
+        // A cost above the divided burst still fits.
+        assert_eq!(share_burst(&limits, 10, 2), 2);
+        // A share that would last past the cap is shortened, never overflowed.
+        let daily = Limits::single(Quota::new(1, Duration::from_secs(366 * 86_400)).unwrap());
+        let q = *daily.share(u32::MAX, 1).quota(0).unwrap();
+        assert!(q.capacity_micros() <= super::MAX_CAPACITY_MICROS);
+    }
+
+    fn share_burst(limits: &Limits, n: u32, cost: u32) -> u32 {
+        limits.share(n, cost).quota(0).unwrap().burst_size()
     }
 }

@@ -132,6 +132,45 @@ async fn fail_local_divides_the_quota_by_the_instances_while_redis_is_down() {
     wait_until_shared(&limiter, "fresh").await;
 }
 
+/// More instances than the burst (the case where a larger cost against the full burst let each
+/// instance admit a whole burst per burst period): ten instances of 2 per second, Redis dead,
+/// every instance asked as fast as it answers for 3 s. Together they admit at most the global
+/// rate plus one request per instance (the documented bound), not 2 per second each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_local_with_more_instances_than_the_burst_keeps_the_global_rate() {
+    let mut server = RedisServer::start().unwrap();
+    let quota = Quota::per_second(2).unwrap();
+    let mut limiters = Vec::new();
+    for _ in 0..10 {
+        limiters.push(
+            limiter(
+                &server,
+                FailureMode::Local { instances: 10 },
+                Limits::single(quota),
+            )
+            .await,
+        );
+    }
+    server.kill().unwrap();
+    let start = Instant::now();
+    let mut admitted = 0u64;
+    let mut asked = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        for l in &limiters {
+            let d = l.check("shared-key", 1).await.unwrap();
+            asked += 1;
+            admitted += u64::from(d.is_allowed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bound = (2.0 * secs).ceil() as u64 + 10;
+    eprintln!("{admitted} of {asked} admitted in {secs:.2} s by 10 instances (bound {bound})");
+    assert!(admitted <= bound, "{admitted} admitted in {secs:.2} s");
+    // Each instance admitted its first request: the fallback still serves.
+    assert!(admitted >= 10, "{admitted}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_and_restarted_redis_is_used_again() {
     let mut server = RedisServer::start().unwrap();

@@ -126,7 +126,9 @@ async fn checks_whose_callers_gave_up_are_never_sent() {
     // Give the batcher time to form (and drop) the next batches.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut conn = server.connection().unwrap();
-    let late: Vec<String> = (0..300).map(|i| store.redis_key(&format!("late{i}"))).collect();
+    let late: Vec<String> = (0..300)
+        .map(|i| store.redis_key(&format!("late{i}")))
+        .collect();
     let charged: usize = redis::cmd("EXISTS").arg(&late).query(&mut conn).unwrap();
     assert_eq!(charged, 0, "keys of abandoned checks were charged");
     let wire: usize = redis::cmd("EXISTS")

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
+use redis::cluster_routing::Slot;
 use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, oneshot};
 
 use crate::error::StoreError;
@@ -95,8 +96,9 @@ pub struct BatchStats {
 /// a call sent while another is under way waits until it holds as many checks as that one (at
 /// most 32) or that one returns, so under load each call's fixed cost on the server is spread
 /// over many checks.
-/// On Redis Cluster a batch holds keys of one hash slot (learned from the first `CROSSSLOT`
-/// refusal, or set up front with [`for_cluster`](Self::for_cluster)). At most
+/// On Redis Cluster a batch is split into one script call per hash slot (learned from the first
+/// `CROSSSLOT` refusal, or set up front with [`for_cluster`](Self::for_cluster)), and the calls
+/// are sent together, so a batch over many slots still costs about one round trip. At most
 /// [`MAX_QUEUED`](Self::MAX_QUEUED) checks wait for a batch; beyond that a check fails at once with
 /// [`StoreError::Overloaded`](crate::StoreError::Overloaded), so a Redis that stops answering
 /// cannot grow the queue without bound.
@@ -301,18 +303,22 @@ where
                 result => return answer(jobs, result),
             }
         }
-        let mut groups: Vec<(u16, Vec<Job>)> = Vec::new();
+        // One script call per hash slot (a script's keys must share one), all sent at once:
+        // redis-rs writes the calls for one node on its connection back to back, so a batch
+        // over many slots costs about one round trip, not one per slot.
+        let mut groups: Vec<(Slot, Vec<Job>)> = Vec::new();
         for job in jobs {
-            let slot = hash_slot(job.key.as_bytes());
+            let slot = Slot::for_key(job.key.as_bytes());
             match groups.iter_mut().find(|(s, _)| *s == slot) {
                 Some((_, g)) => g.push(job),
                 None => groups.push((slot, vec![job])),
             }
         }
-        for (_, group) in groups {
+        futures_util::future::join_all(groups.into_iter().map(|(_, group)| async move {
             let result = self.call(&group).await;
             answer(group, result);
-        }
+        }))
+        .await;
     }
 
     async fn call(&self, jobs: &[Job]) -> Result<Vec<u8>, redis::RedisError> {
@@ -419,33 +425,6 @@ fn is_cross_slot(e: &redis::RedisError) -> bool {
         || e.to_string().contains("CROSSSLOT")
 }
 
-/// Redis Cluster's hash slot of a key (CRC16/XMODEM of the key, or of its `{hash tag}`).
-pub(crate) fn hash_slot(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|&c| c == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&c| c == b'}')
-                .filter(|&len| len > 0)
-                .map(|len| &rest[..len])
-        })
-        .unwrap_or(key);
-    let mut crc: u16 = 0;
-    for &byte in tagged {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
-}
-
 impl<C> RateLimitStore for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -536,20 +515,4 @@ fn parse(reply: &[i64; 4], limits: &Limits) -> Result<Decision, StoreError> {
         shadow_denied: false,
         source: Source::Shared,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hash_slot;
-
-    #[test]
-    fn hash_slots_follow_the_cluster_spec() {
-        // CRC16/XMODEM("123456789") = 0x31C3.
-        assert_eq!(hash_slot(b"123456789"), 0x31C3);
-        assert_eq!(hash_slot(b"rl:{user-1}"), hash_slot(b"user-1"));
-        assert_eq!(hash_slot(b"{user-1}:inflight"), hash_slot(b"user-1"));
-        // An empty tag does not count: the whole key is hashed.
-        assert_eq!(hash_slot(b"a{}b"), hash_slot(b"a{}b"));
-        assert_ne!(hash_slot(b"a{}b"), hash_slot(b""));
-    }
 }
