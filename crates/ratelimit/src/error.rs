@@ -31,6 +31,73 @@ impl BuildError {
     }
 }
 
+/// An invalid [`Quota`](crate::Quota). Plain data (no allocation), so quota constructors are
+/// `const fn`; converts into [`BuildError`] for `?`.
+///
+/// ```
+/// use stanchion_ratelimit::{Quota, QuotaError};
+/// assert_eq!(Quota::per_second(0), Err(QuotaError::ZeroRate));
+/// assert_eq!(Quota::per_second(0).unwrap_err().field(), "rate");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// A rate of zero.
+    #[error("invalid `rate`: must be at least 1, got 0")]
+    ZeroRate,
+    /// A period of zero or longer than 366 days.
+    #[error("invalid `period`: must be between 1 microsecond and 366 days, got {0:?}")]
+    Period(std::time::Duration),
+    /// More than one request per microsecond of the period.
+    #[error(
+        "invalid `rate`: must be at most one request per microsecond of the period, got {rate} per {period:?}"
+    )]
+    TooFast {
+        /// The rate asked for.
+        rate: u32,
+        /// Its period.
+        period: std::time::Duration,
+    },
+    /// A burst of zero.
+    #[error("invalid `burst`: must be at least 1, got 0")]
+    ZeroBurst,
+    /// A burst whose capacity (`burst x period / rate`) passes 35 years.
+    #[error(
+        "invalid `burst`: must be small enough that burst x period / rate stays under 35 years, got {0}"
+    )]
+    BurstTooLarge(u32),
+}
+
+impl QuotaError {
+    /// The offending setting: `rate`, `period` or `burst`.
+    pub const fn field(&self) -> &'static str {
+        match self {
+            Self::ZeroRate | Self::TooFast { .. } => "rate",
+            Self::Period(_) => "period",
+            Self::ZeroBurst | Self::BurstTooLarge(_) => "burst",
+        }
+    }
+}
+
+impl From<QuotaError> for BuildError {
+    fn from(e: QuotaError) -> Self {
+        let (expected, got) = match e {
+            QuotaError::ZeroRate => ("at least 1", "0".to_owned()),
+            QuotaError::Period(p) => ("between 1 microsecond and 366 days", format!("{p:?}")),
+            QuotaError::TooFast { rate, period } => (
+                "at most one request per microsecond of the period",
+                format!("{rate} per {period:?}"),
+            ),
+            QuotaError::ZeroBurst => ("at least 1", "0".to_owned()),
+            QuotaError::BurstTooLarge(b) => (
+                "small enough that burst x period / rate stays under 35 years",
+                b.to_string(),
+            ),
+        };
+        BuildError::new(e.field(), expected, got)
+    }
+}
+
 /// A check could not be made by a shared store (the limiter's failure mode then decides).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -58,7 +58,7 @@ pub use crate::concurrency::{
 };
 #[cfg(feature = "redis")]
 pub use crate::concurrency::{RedisConcurrencyLimiter, RedisLease};
-pub use crate::error::{BuildError, KeyError, StoreError};
+pub use crate::error::{BuildError, KeyError, QuotaError, StoreError};
 pub use crate::gcra::{Decision, Source, Verdict};
 pub use crate::limiter::{FailureMode, RateLimiter, RateLimiterBuilder};
 pub use crate::local::LocalLimiter;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::error::BuildError;
+use crate::error::{BuildError, QuotaError};
 
 /// Longest period a quota may have.
 pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -49,37 +49,34 @@ impl fmt::Debug for Quota {
 }
 
 impl Quota {
-    /// `rate` per `period`; the burst defaults to `rate`.
-    pub fn new(rate: u32, period: Duration) -> Result<Self, BuildError> {
+    /// `rate` per `period`; the burst defaults to `rate`. A `const fn`, so a quota can be a
+    /// constant (an invalid one is then a compile error):
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stanchion_ratelimit::Quota;
+    /// const SEARCH: Quota = match Quota::new(30, Duration::from_secs(10)) {
+    ///     Ok(q) => q,
+    ///     Err(_) => panic!("invalid quota"),
+    /// };
+    /// assert_eq!(SEARCH.emission_interval(), Duration::from_millis(333) + Duration::from_micros(334));
+    /// ```
+    pub const fn new(rate: u32, period: Duration) -> Result<Self, QuotaError> {
         if rate == 0 {
-            return Err(BuildError::new("rate", "at least 1", 0));
+            return Err(QuotaError::ZeroRate);
         }
-        if period.is_zero() || period > MAX_PERIOD {
-            return Err(BuildError::new(
-                "period",
-                "between 1 microsecond and 366 days",
-                format!("{period:?}"),
-            ));
+        let micros = period.as_micros();
+        if micros == 0 || micros > MAX_PERIOD.as_micros() {
+            return Err(QuotaError::Period(period));
+        }
+        if micros < rate as u128 {
+            return Err(QuotaError::TooFast { rate, period });
         }
         // Rounded up, never down: a shorter interval would admit more than `rate` per `period`
         // (`per_second(3)` would admit two requests 333,333 µs apart). A rate that does not
-        // divide the period admits slightly less than it says instead.
-        let emission_micros =
-            u64::try_from(period.as_micros().div_ceil(u128::from(rate))).unwrap_or(u64::MAX);
-        if period.as_micros() < u128::from(rate) {
-            return Err(BuildError::new(
-                "rate",
-                "at most one request per microsecond of the period",
-                format!("{rate} per {period:?}"),
-            ));
-        }
-        if emission_micros == 0 {
-            return Err(BuildError::new(
-                "rate",
-                "at most one request per microsecond of the period",
-                format!("{rate} per {period:?}"),
-            ));
-        }
+        // divide the period admits slightly less than it says instead. At most 366 days in
+        // microseconds, so it fits in a u64.
+        let emission_micros = micros.div_ceil(rate as u128) as u64;
         Self {
             rate,
             period,
@@ -89,67 +86,63 @@ impl Quota {
         .validated()
     }
 
-    /// `rate` per second.
-    pub fn per_second(rate: u32) -> Result<Self, BuildError> {
+    /// `rate` per second (`const`).
+    pub const fn per_second(rate: u32) -> Result<Self, QuotaError> {
         Self::new(rate, Duration::from_secs(1))
     }
 
-    /// `rate` per minute.
-    pub fn per_minute(rate: u32) -> Result<Self, BuildError> {
+    /// `rate` per minute (`const`).
+    pub const fn per_minute(rate: u32) -> Result<Self, QuotaError> {
         Self::new(rate, Duration::from_secs(60))
     }
 
-    /// `rate` per hour.
-    pub fn per_hour(rate: u32) -> Result<Self, BuildError> {
+    /// `rate` per hour (`const`).
+    pub const fn per_hour(rate: u32) -> Result<Self, QuotaError> {
         Self::new(rate, Duration::from_secs(3600))
     }
 
-    /// Allows up to `burst` requests at once (at least 1).
-    pub fn burst(mut self, burst: u32) -> Result<Self, BuildError> {
+    /// Allows up to `burst` requests at once (at least 1; `const`).
+    pub const fn burst(mut self, burst: u32) -> Result<Self, QuotaError> {
         if burst == 0 {
-            return Err(BuildError::new("burst", "at least 1", 0));
+            return Err(QuotaError::ZeroBurst);
         }
         self.burst = burst;
         self.validated()
     }
 
-    fn validated(self) -> Result<Self, BuildError> {
-        if u64::from(self.burst).saturating_mul(self.emission_micros) > MAX_CAPACITY_MICROS {
-            return Err(BuildError::new(
-                "burst",
-                "small enough that burst x period / rate stays under 35 years",
-                self.burst,
-            ));
+    const fn validated(self) -> Result<Self, QuotaError> {
+        if (self.burst as u64).saturating_mul(self.emission_micros) > MAX_CAPACITY_MICROS {
+            return Err(QuotaError::BurstTooLarge(self.burst));
         }
         Ok(self)
     }
 
     /// Requests per period.
-    pub fn rate(&self) -> u32 {
+    pub const fn rate(&self) -> u32 {
         self.rate
     }
 
     /// The period.
-    pub fn period(&self) -> Duration {
+    pub const fn period(&self) -> Duration {
         self.period
     }
 
     /// Requests allowed at once.
-    pub fn burst_size(&self) -> u32 {
+    pub const fn burst_size(&self) -> u32 {
         self.burst
     }
 
     /// `period / rate`.
-    pub fn emission_interval(&self) -> Duration {
+    pub const fn emission_interval(&self) -> Duration {
         Duration::from_micros(self.emission_micros)
     }
 
-    pub(crate) fn emission_micros(&self) -> u64 {
+    pub(crate) const fn emission_micros(&self) -> u64 {
         self.emission_micros
     }
 
-    pub(crate) fn capacity_micros(&self) -> u64 {
-        u64::from(self.burst) * self.emission_micros
+    pub(crate) const fn capacity_micros(&self) -> u64 {
+        self.burst as u64 * self.emission_micros
     }
 }
 

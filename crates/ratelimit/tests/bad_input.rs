@@ -9,7 +9,7 @@ use stanchion_ratelimit::{
 
 #[test]
 fn invalid_quotas_name_their_field() {
-    let field = |r: Result<Quota, stanchion_ratelimit::BuildError>| r.unwrap_err().field();
+    let field = |r: Result<Quota, stanchion_ratelimit::QuotaError>| r.unwrap_err().field();
     assert_eq!(field(Quota::new(0, Duration::from_secs(1))), "rate");
     assert_eq!(field(Quota::new(10, Duration::ZERO)), "period");
     assert_eq!(
@@ -29,6 +29,27 @@ fn invalid_quotas_name_their_field() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("rate") && err.contains("at least 1"), "{err}");
+    // Converted for `?` in a builder chain: same field, same message.
+    let quota_err = Quota::per_second(2_000_000).unwrap_err();
+    let build_err = stanchion_ratelimit::BuildError::from(quota_err);
+    assert_eq!(build_err.field(), "rate");
+    assert_eq!(build_err.to_string(), quota_err.to_string());
+}
+
+/// Quotas are constants: the constructors are `const fn`.
+#[test]
+fn quotas_can_be_constants() {
+    const LOGIN: Quota = match Quota::per_minute(5) {
+        Ok(q) => match q.burst(2) {
+            Ok(q) => q,
+            Err(_) => panic!("burst"),
+        },
+        Err(_) => panic!("rate"),
+    };
+    const TOO_FAST: Result<Quota, stanchion_ratelimit::QuotaError> = Quota::per_second(2_000_000);
+    assert_eq!(LOGIN.burst_size(), 2);
+    assert_eq!(LOGIN.emission_interval(), Duration::from_secs(12));
+    assert_eq!(TOO_FAST.unwrap_err().field(), "rate");
 }
 
 #[test]
