@@ -309,6 +309,20 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             });
         }
         let decision = if now < inner.down_until.load(Ordering::Acquire) {
+            // Down until a probe clears it: if that probe's runtime shut down (dropping it),
+            // start another on this one; with no runtime here, down for one recheck interval.
+            if !inner.probing.load(Ordering::Acquire)
+                && inner.down_until.load(Ordering::Acquire) == DOWN_UNTIL_PROBED
+                && !self.start_probe()
+            {
+                let until = now.saturating_add(micros(inner.recheck));
+                let _ = inner.down_until.compare_exchange(
+                    DOWN_UNTIL_PROBED,
+                    until,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
             self.fallback(key, limits, cost, None)
         } else {
             match tokio::time::timeout(inner.timeout, inner.store.check(key, limits, cost)).await {
@@ -444,7 +458,11 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
         };
         let weak = Arc::downgrade(&self.inner);
         let (recheck, timeout) = (inner.recheck, inner.timeout);
+        // However the probe ends (the store answers, the limiter is dropped, or its runtime
+        // shuts down and drops it), the next failure or down check may start another.
+        let guard = ProbeRunning(weak.clone());
         handle.spawn(async move {
+            let _guard = guard;
             loop {
                 tokio::time::sleep(recheck).await;
                 let Some(inner) = weak.upgrade() else { return };
@@ -461,6 +479,17 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             }
         });
         true
+    }
+}
+
+/// Clears the limiter's `probing` flag when the probe task ends or is dropped.
+struct ProbeRunning<S, Q>(std::sync::Weak<Inner<S, Q>>);
+
+impl<S, Q> Drop for ProbeRunning<S, Q> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.probing.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -2,13 +2,13 @@
 //! with concurrent checks coalesced into one script call.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::cluster_routing::Slot;
-use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use crate::error::StoreError;
 use crate::gcra::{Decision, Source, Verdict};
@@ -116,7 +116,8 @@ pub struct BatchStats {
 pub struct RedisStore<C> {
     prefix: Arc<str>,
     exec: Arc<Exec<C>>,
-    queue: Arc<OnceCell<mpsc::UnboundedSender<Job>>>,
+    /// The running batcher's queue; replaced when that batcher stopped (its runtime shut down).
+    queue: Arc<RwLock<Option<mpsc::UnboundedSender<Job>>>>,
 }
 
 impl<C> Clone for RedisStore<C> {
@@ -168,7 +169,7 @@ where
                 abandoned: AtomicU64::new(0),
                 queued: AtomicUsize::new(0),
             }),
-            queue: Arc::new(OnceCell::new()),
+            queue: Arc::new(RwLock::new(None)),
         }
     }
 
@@ -194,7 +195,7 @@ where
         Self {
             prefix: self.prefix,
             exec: Arc::new(exec),
-            queue: Arc::new(OnceCell::new()),
+            queue: Arc::new(RwLock::new(None)),
         }
     }
 
@@ -217,14 +218,38 @@ where
         k
     }
 
-    async fn sender(&self) -> &mpsc::UnboundedSender<Job> {
-        self.queue
-            .get_or_init(|| async {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(batcher(Arc::clone(&self.exec), rx));
-                tx
-            })
-            .await
+    /// Hands `job` to the batching task, starting one on the current runtime if none runs: the
+    /// first check starts it, and a check after the runtime it ran on shut down starts another.
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        let job = {
+            let queue = self.queue.read().unwrap_or_else(PoisonError::into_inner);
+            match queue.as_ref() {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::SendError(job)) => job,
+                },
+                None => job,
+            }
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(StoreError::Protocol(
+                "no tokio runtime to run the batching task on".into(),
+            ));
+        };
+        let mut queue = self.queue.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = queue.as_ref()
+            && !tx.is_closed()
+        {
+            // Another check restarted it meanwhile.
+            return tx
+                .send(job)
+                .map_err(|_| StoreError::Protocol("the batching task stopped".into()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(batcher(Arc::clone(&self.exec), rx));
+        let sent = tx.send(job);
+        *queue = Some(tx);
+        sent.map_err(|_| StoreError::Protocol("the batching task stopped".into()))
     }
 }
 
@@ -457,9 +482,9 @@ where
             self.exec.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(StoreError::Overloaded { queued });
         }
-        if self.sender().await.send(job).is_err() {
+        if let Err(e) = self.send(job) {
             self.exec.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(StoreError::Protocol("the batching task stopped".into()));
+            return Err(e);
         }
         let four = wait
             .await
