@@ -253,9 +253,9 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
         self.inner.clock.now_micros() < self.inner.down_until.load(Ordering::Acquire)
     }
 
-    /// Checks `cost` units for `key`. Errors only for keys it refuses; store failures are
-    /// handled by the failure mode (the decision's `source` says so).
-    pub async fn check(&self, key: &str, cost: u32) -> Result<Decision, KeyError> {
+    /// What can be decided without the store: a refused key, no limits, an impossible cost, a
+    /// remembered denial, or the failure mode while the store is down.
+    fn prelude<'a>(&'a self, key: &str, cost: u32) -> Result<Prelude<'a>, KeyError> {
         let inner = &*self.inner;
         if key.is_empty() {
             return Err(KeyError::Empty);
@@ -268,7 +268,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
         }
         let limits = inner.selector.select(key);
         if limits.is_empty() {
-            return Ok(Decision::allow_all(Source::Local));
+            return Ok(Prelude::Decided(Decision::allow_all(Source::Local)));
         }
         if let Some((i, q)) = limits
             .quotas()
@@ -276,7 +276,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             .map(|(i, (_, q))| (i, q))
             .find(|(_, q)| cost > q.burst_size())
         {
-            return Ok(Decision {
+            return Ok(Prelude::Decided(Decision {
                 verdict: Verdict::Impossible,
                 quota: i,
                 limit: q.burst_size(),
@@ -285,7 +285,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                 retry_after: None,
                 shadow_denied: false,
                 source: Source::Local,
-            });
+            }));
         }
         let now = inner.clock.now_micros();
         // Only a request the store would certainly deny, answered as the store would: same
@@ -297,7 +297,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
             && let Some(q) = limits.quota(denial.quota)
         {
             let ahead = denial.tat.saturating_sub(now);
-            return Ok(Decision {
+            return Ok(Prelude::Decided(Decision {
                 verdict: Verdict::Denied,
                 quota: denial.quota,
                 limit: q.burst_size(),
@@ -306,9 +306,9 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                 retry_after: Some(Duration::from_micros(denial.until - now)),
                 shadow_denied: false,
                 source: Source::DenyCache,
-            });
+            }));
         }
-        let decision = if now < inner.down_until.load(Ordering::Acquire) {
+        if now < inner.down_until.load(Ordering::Acquire) {
             // Down until a probe clears it: if that probe's runtime shut down (dropping it),
             // start another on this one; with no runtime here, down for one recheck interval.
             if !inner.probing.load(Ordering::Acquire)
@@ -323,28 +323,80 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
                     Ordering::Acquire,
                 );
             }
-            self.fallback(key, limits, cost, None)
-        } else {
-            match tokio::time::timeout(inner.timeout, inner.store.check(key, limits, cost)).await {
-                Ok(Ok(decision)) => decision,
-                Ok(Err(e)) if e.is_key_error() => {
-                    // One bad entry, not a bad store: only this key falls back.
-                    tracing::warn!(
-                        error = %e,
-                        ratelimit.failure_mode = ?inner.failure_mode,
-                        "rate-limit entry unusable; deciding this key without the store"
-                    );
-                    #[cfg(feature = "metrics")]
-                    metrics::counter!("ratelimit.key_errors").increment(1);
-                    self.fallback(key, limits, cost, None)
-                }
-                Ok(Err(e)) => self.fallback(key, limits, cost, Some(e)),
-                Err(_) => {
-                    self.fallback(key, limits, cost, Some(StoreError::Timeout(inner.timeout)))
-                }
+            let d = self.fallback(key, limits, cost, None);
+            return Ok(Prelude::Decided(self.finish(key, cost, d, now)));
+        }
+        Ok(Prelude::Ask { limits, now })
+    }
+
+    /// The store's answer, or the failure mode's when it failed.
+    fn answered(
+        &self,
+        key: &str,
+        limits: &Limits,
+        cost: u32,
+        now: u64,
+        answer: Result<Decision, StoreError>,
+    ) -> Decision {
+        let decision = match answer {
+            Ok(decision) => decision,
+            Err(e) if e.is_key_error() => {
+                // One bad entry, not a bad store: only this key falls back.
+                tracing::warn!(
+                    error = %e,
+                    ratelimit.failure_mode = ?self.inner.failure_mode,
+                    "rate-limit entry unusable; deciding this key without the store"
+                );
+                #[cfg(feature = "metrics")]
+                metrics::counter!("ratelimit.key_errors").increment(1);
+                self.fallback(key, limits, cost, None)
             }
+            Err(e) => self.fallback(key, limits, cost, Some(e)),
         };
-        Ok(self.finish(key, cost, decision, now))
+        self.finish(key, cost, decision, now)
+    }
+
+    /// Checks `cost` units for `key`. Errors only for keys it refuses; store failures are
+    /// handled by the failure mode (the decision's `source` says so).
+    pub async fn check(&self, key: &str, cost: u32) -> Result<Decision, KeyError> {
+        let (limits, now) = match self.prelude(key, cost)? {
+            Prelude::Decided(d) => return Ok(d),
+            Prelude::Ask { limits, now } => (limits, now),
+        };
+        let inner = &*self.inner;
+        let answer =
+            match tokio::time::timeout(inner.timeout, inner.store.check(key, limits, cost)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(StoreError::Timeout(inner.timeout)),
+            };
+        Ok(self.answered(key, limits, cost, now, answer))
+    }
+
+    /// Decides at once, without awaiting, when that is possible: the store answers without
+    /// waiting (an in-process store, see [`RateLimitStore::check_now`]), or the deny cache,
+    /// the failure mode or the key itself decides. `None` means [`check`](Self::check) must
+    /// be awaited. The tower layer uses this to make no allocation per request on an
+    /// in-process store.
+    ///
+    /// ```
+    /// use stanchion_ratelimit::{Limits, LocalLimiter, Quota, RateLimiter};
+    /// let limiter = RateLimiter::builder(
+    ///     LocalLimiter::<String>::new(Limits::new())?,
+    ///     Limits::single(Quota::per_second(1)?),
+    /// )
+    /// .build()?;
+    /// assert!(limiter.check_now("k", 1).unwrap()?.is_allowed());
+    /// assert!(!limiter.check_now("k", 1).unwrap()?.is_allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn check_now(&self, key: &str, cost: u32) -> Option<Result<Decision, KeyError>> {
+        let (limits, now) = match self.prelude(key, cost) {
+            Err(e) => return Some(Err(e)),
+            Ok(Prelude::Decided(d)) => return Some(Ok(d)),
+            Ok(Prelude::Ask { limits, now }) => (limits, now),
+        };
+        let answer = self.inner.store.check_now(key, limits, cost)?;
+        Some(Ok(self.answered(key, limits, cost, now, answer)))
     }
 
     fn finish(&self, key: &str, cost: u32, mut decision: Decision, now: u64) -> Decision {
@@ -495,6 +547,14 @@ impl<S, Q> Drop for ProbeRunning<S, Q> {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The part of a check made before asking the store.
+enum Prelude<'a> {
+    /// Decided without the store.
+    Decided(Decision),
+    /// Ask the store about these limits; `now` on the limiter's clock.
+    Ask { limits: &'a Limits, now: u64 },
 }
 
 /// What the store answered for a denied request, kept to answer the same request locally.

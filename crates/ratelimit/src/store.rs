@@ -20,6 +20,19 @@ pub trait RateLimitStore: Send + Sync + 'static {
         cost: u32,
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
 
+    /// Answers at once when the store can without waiting (an in-process store); `None` (the
+    /// default) means [`check`](Self::check) must be awaited. Used by
+    /// [`RateLimiter::check_now`](crate::RateLimiter::check_now).
+    fn check_now(
+        &self,
+        key: &str,
+        limits: &Limits,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        let _ = (key, limits, cost);
+        None
+    }
+
     /// A cheap liveness probe used while the store is marked down.
     fn probe(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async { Ok(()) }
@@ -39,5 +52,14 @@ where
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send {
         let decision = self.check_limits(key, limits, cost);
         async move { Ok(decision) }
+    }
+
+    fn check_now(
+        &self,
+        key: &str,
+        limits: &Limits,
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        Some(Ok(self.check_limits(key, limits, cost)))
     }
 }

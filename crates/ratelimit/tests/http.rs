@@ -2,6 +2,7 @@
 //! preflight exemption, shared state across clones, and the Redis store behind it.
 #![cfg(feature = "tower")]
 
+#[cfg(feature = "redis")]
 mod support;
 
 use std::net::SocketAddr;
@@ -10,9 +11,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::{Request, StatusCode};
+#[cfg(feature = "redis")]
+use stanchion_ratelimit::RedisStore;
 use stanchion_ratelimit::{
     ClientIp, HeaderKey, Limits, LocalLimiter, MissingKey, PeerAddr, Quota, RateLimitLayer,
-    RateLimiter, RedisStore,
+    RateLimiter,
 };
 use tower::ServiceExt;
 

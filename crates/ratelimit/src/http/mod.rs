@@ -175,8 +175,107 @@ impl<Svc: fmt::Debug, S, Q, X> fmt::Debug for RateLimitService<Svc, S, Q, X> {
     }
 }
 
-/// The response future of [`RateLimitService`].
-pub type RateLimitFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+pin_project_lite::pin_project! {
+    /// The response future of [`RateLimitService`]: the inner service's future (with the
+    /// rate-limit headers written on its response), or an answer made without it (429, 400).
+    /// Nothing is allocated for it when the limiter decides at once (an in-process store, see
+    /// [`RateLimiter::check_now`]); with a store that must be awaited (Redis) the wait is boxed
+    /// once per request.
+    pub struct RateLimitFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Ready { res: Option<Result<Response<B>, E>> },
+        Inner { #[pin] fut: F, headers: Option<Planned> },
+        Waiting { fut: Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>> },
+    }
+}
+
+impl<F, B, E> RateLimitFuture<F, B, E> {
+    fn ready(res: Result<Response<B>, E>) -> Self {
+        Self {
+            kind: Kind::Ready { res: Some(res) },
+        }
+    }
+
+    fn inner(fut: F, headers: Option<Planned>) -> Self {
+        Self {
+            kind: Kind::Inner { fut, headers },
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for RateLimitFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.kind {
+            Kind::Ready { .. } => "ready",
+            Kind::Inner { .. } => "inner",
+            Kind::Waiting { .. } => "waiting for the limiter",
+        };
+        f.debug_struct("RateLimitFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<F, B, E> Future for RateLimitFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Ready { res } => match res.take() {
+                Some(res) => Poll::Ready(res),
+                None => panic!("RateLimitFuture polled after it completed"),
+            },
+            KindProj::Inner { fut, headers } => {
+                let mut res = std::task::ready!(fut.poll(cx))?;
+                if let Some(h) = headers.take() {
+                    h.apply(res.headers_mut());
+                }
+                Poll::Ready(Ok(res))
+            }
+            KindProj::Waiting { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The response to a decided request: 429 with its headers, or the inner service's call with
+/// the headers to add to its response.
+fn respond<Svc, ReqBody, ResBody>(
+    mut inner: Svc,
+    req: Request<ReqBody>,
+    limits: &Limits,
+    decision: &Decision,
+    options: Options,
+) -> RateLimitFuture<Svc::Future, ResBody, Svc::Error>
+where
+    Svc: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    let headers = Planned::new(limits, decision, options.legacy_headers);
+    if decision.verdict != Verdict::Allowed {
+        let mut res = status(StatusCode::TOO_MANY_REQUESTS);
+        if let Some(wait) = decision.retry_after {
+            res.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(ceil_secs(wait)),
+            );
+        }
+        if let Some(h) = headers {
+            h.apply(res.headers_mut());
+        }
+        return RateLimitFuture::ready(Ok(res));
+    }
+    RateLimitFuture::inner(inner.call(req), headers)
+}
 
 impl<Svc, S, Q, X, ReqBody, ResBody> tower::Service<Request<ReqBody>>
     for RateLimitService<Svc, S, Q, X>
@@ -192,7 +291,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = Svc::Error;
-    type Future = RateLimitFuture<Response<ResBody>, Svc::Error>;
+    type Future = RateLimitFuture<Svc::Future, ResBody, Svc::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -202,49 +301,45 @@ where
         // The ready service handles this request; a fresh clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.shared);
         let options = self.options;
         let preflight = options.exempt_preflight
             && req.method() == Method::OPTIONS
             && req.headers().contains_key("access-control-request-method");
-        let key = if preflight {
-            None
-        } else {
-            config.extractor.extract(&req)
+        if preflight {
+            return RateLimitFuture::inner(inner.call(req), None);
+        }
+        let Some(key) = self.shared.extractor.extract(&req) else {
+            return match options.missing_key {
+                MissingKey::Allow => RateLimitFuture::inner(inner.call(req), None),
+                MissingKey::Reject => RateLimitFuture::ready(Ok(status(StatusCode::BAD_REQUEST))),
+            };
         };
-        Box::pin(async move {
-            if preflight {
-                return inner.call(req).await;
+        let limiter = &self.shared.limiter;
+        match limiter.check_now(&key, 1) {
+            Some(Ok(decision)) => respond(inner, req, limiter.limits_for(&key), &decision, options),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "rate-limit key refused");
+                RateLimitFuture::ready(Ok(status(StatusCode::BAD_REQUEST)))
             }
-            let Some(key) = key else {
-                return match options.missing_key {
-                    MissingKey::Allow => inner.call(req).await,
-                    MissingKey::Reject => Ok(status(StatusCode::BAD_REQUEST)),
-                };
-            };
-            let decision = match config.limiter.check(&key, 1).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(error = %e, "rate-limit key refused");
-                    return Ok(status(StatusCode::BAD_REQUEST));
+            None => {
+                let shared = Arc::clone(&self.shared);
+                RateLimitFuture {
+                    kind: Kind::Waiting {
+                        fut: Box::pin(async move {
+                            let decision = match shared.limiter.check(&key, 1).await {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "rate-limit key refused");
+                                    return Ok(status(StatusCode::BAD_REQUEST));
+                                }
+                            };
+                            let limits = shared.limiter.limits_for(&key);
+                            respond(inner, req, limits, &decision, options).await
+                        }),
+                    },
                 }
-            };
-            let limits = config.limiter.limits_for(&key);
-            if decision.verdict != Verdict::Allowed {
-                let mut res = status(StatusCode::TOO_MANY_REQUESTS);
-                if let Some(wait) = decision.retry_after {
-                    res.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        HeaderValue::from(ceil_secs(wait)),
-                    );
-                }
-                write_headers(res.headers_mut(), limits, &decision, options.legacy_headers);
-                return Ok(res);
             }
-            let mut res = inner.call(req).await?;
-            write_headers(res.headers_mut(), limits, &decision, options.legacy_headers);
-            Ok(res)
-        })
+        }
     }
 }
 
@@ -262,35 +357,62 @@ fn ceil_secs(d: Duration) -> u64 {
 /// (the deciding quota: `"name";r=remaining;t=seconds to full`), and the legacy trio if asked.
 /// Nothing is written for a decision that carries no quota (a fail-open fallback).
 pub fn write_headers(headers: &mut HeaderMap, limits: &Limits, decision: &Decision, legacy: bool) {
-    if decision.limit == 0 || limits.is_empty() {
-        return;
+    if let Some(h) = Planned::new(limits, decision, legacy) {
+        h.apply(headers);
     }
-    let policy = limits
-        .quotas()
-        .map(|(name, q)| {
-            let window = ceil_secs(q.emission_interval() * q.burst_size()).max(1);
-            format!("\"{name}\";q={};w={window}", q.burst_size())
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let reset = ceil_secs(decision.reset_after);
-    let current = format!(
-        "\"{}\";r={};t={reset}",
-        limits.name(decision.quota),
-        decision.remaining
-    );
-    if let Ok(v) = HeaderValue::from_str(&policy) {
-        headers.insert("ratelimit-policy", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&current) {
-        headers.insert("ratelimit", v);
-    }
-    if legacy {
-        headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
-        headers.insert(
-            "x-ratelimit-remaining",
-            HeaderValue::from(decision.remaining),
+}
+
+/// Rate-limit header values, made when the decision is known and written on the response.
+struct Planned {
+    policy: Option<HeaderValue>,
+    current: Option<HeaderValue>,
+    /// `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
+    legacy: Option<[HeaderValue; 3]>,
+}
+
+impl Planned {
+    fn new(limits: &Limits, decision: &Decision, legacy: bool) -> Option<Self> {
+        if decision.limit == 0 || limits.is_empty() {
+            return None;
+        }
+        let policy = limits
+            .quotas()
+            .map(|(name, q)| {
+                let window = ceil_secs(q.emission_interval() * q.burst_size()).max(1);
+                format!("\"{name}\";q={};w={window}", q.burst_size())
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let reset = ceil_secs(decision.reset_after);
+        let current = format!(
+            "\"{}\";r={};t={reset}",
+            limits.name(decision.quota),
+            decision.remaining
         );
-        headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+        Some(Self {
+            policy: HeaderValue::from_str(&policy).ok(),
+            current: HeaderValue::from_str(&current).ok(),
+            legacy: legacy.then(|| {
+                [
+                    HeaderValue::from(decision.limit),
+                    HeaderValue::from(decision.remaining),
+                    HeaderValue::from(reset),
+                ]
+            }),
+        })
+    }
+
+    fn apply(self, headers: &mut HeaderMap) {
+        if let Some(v) = self.policy {
+            headers.insert("ratelimit-policy", v);
+        }
+        if let Some(v) = self.current {
+            headers.insert("ratelimit", v);
+        }
+        if let Some([limit, remaining, reset]) = self.legacy {
+            headers.insert("x-ratelimit-limit", limit);
+            headers.insert("x-ratelimit-remaining", remaining);
+            headers.insert("x-ratelimit-reset", reset);
+        }
     }
 }
