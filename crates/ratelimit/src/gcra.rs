@@ -80,8 +80,32 @@ impl Decision {
     }
 }
 
-/// The state of one key: one TAT per quota, 0 meaning "never seen".
-pub type Tats = [u64; MAX_LIMITS];
+/// The raw state of one key: one TAT per quota, 0 meaning "never seen".
+pub(crate) type Tats = [u64; MAX_LIMITS];
+
+/// The state of one key for [`check`]: a theoretical arrival time per quota (opaque; start from
+/// `State::default()`, a key never seen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct State {
+    tats: Tats,
+}
+
+impl State {
+    /// The time (microseconds, the caller's clock) after which the key is at full capacity on
+    /// every quota, so its state can be forgotten without changing any decision.
+    ///
+    /// ```
+    /// use stanchion_ratelimit::{Limits, Quota, gcra};
+    /// let limits = Limits::single(Quota::per_second(10)?);
+    /// let mut state = gcra::State::default();
+    /// gcra::check(&limits, &mut state, 1_000_000, 1);
+    /// assert_eq!(state.idle_after(), 1_100_000);
+    /// # Ok::<(), stanchion_ratelimit::BuildError>(())
+    /// ```
+    pub fn idle_after(&self) -> u64 {
+        idle_after(&self.tats)
+    }
+}
 
 /// Runs GCRA for every quota of `limits` at `now` (microseconds), all or nothing: when admitted,
 /// `tats` is updated; when denied or impossible, it is left as it was. Cost 0 only reports.
@@ -89,7 +113,7 @@ pub type Tats = [u64; MAX_LIMITS];
 /// ```
 /// use stanchion_ratelimit::{Limits, Quota, Verdict, gcra};
 /// let limits = Limits::single(Quota::per_second(2)?);
-/// let mut state = [0; 4];
+/// let mut state = gcra::State::default();
 /// let now = 10_000_000;
 /// assert_eq!(gcra::check(&limits, &mut state, now, 1).verdict, Verdict::Allowed);
 /// assert_eq!(gcra::check(&limits, &mut state, now, 1).verdict, Verdict::Allowed);
@@ -99,8 +123,12 @@ pub type Tats = [u64; MAX_LIMITS];
 /// assert_eq!(gcra::check(&limits, &mut state, now, 3).verdict, Verdict::Impossible);
 /// # Ok::<(), stanchion_ratelimit::BuildError>(())
 /// ```
+pub fn check(limits: &Limits, state: &mut State, now: u64, cost: u32) -> Decision {
+    check_tats(limits, &mut state.tats, now, cost)
+}
+
 #[allow(clippy::needless_range_loop)] // parallel arrays indexed by quota
-pub fn check(limits: &Limits, tats: &mut Tats, now: u64, cost: u32) -> Decision {
+pub(crate) fn check_tats(limits: &Limits, tats: &mut Tats, now: u64, cost: u32) -> Decision {
     if limits.len() == 1
         && let Some(q) = limits.quota(0)
     {
@@ -233,7 +261,7 @@ pub(crate) fn remaining(capacity: u64, emission: u64, ahead: u64) -> u32 {
 /// The latest TAT of a state: once `now` passes it, the key is at full capacity on every quota
 /// and its state can be forgotten.
 #[inline]
-pub fn idle_after(tats: &Tats) -> u64 {
+pub(crate) fn idle_after(tats: &Tats) -> u64 {
     tats.iter().copied().max().unwrap_or(0)
 }
 
@@ -249,7 +277,7 @@ mod tests {
             .unwrap()
             .with("minute", Quota::per_minute(3).unwrap())
             .unwrap();
-        let mut s = [0; MAX_LIMITS];
+        let mut s = State::default();
         let now = 1_000_000;
         for _ in 0..3 {
             assert!(check(&limits, &mut s, now, 1).is_allowed());
@@ -265,7 +293,7 @@ mod tests {
     #[test]
     fn reports_remaining_and_reset_of_the_tightest_quota() {
         let limits = Limits::single(Quota::per_second(10).unwrap());
-        let mut s = [0; MAX_LIMITS];
+        let mut s = State::default();
         let d = check(&limits, &mut s, 5_000_000, 4);
         assert_eq!((d.limit, d.remaining), (10, 6));
         assert_eq!(d.reset_after, Duration::from_millis(400));
@@ -274,7 +302,7 @@ mod tests {
     #[test]
     fn cost_zero_reports_without_consuming() {
         let limits = Limits::single(Quota::per_second(1).unwrap());
-        let mut s = [0; MAX_LIMITS];
+        let mut s = State::default();
         check(&limits, &mut s, 1_000_000, 1);
         let before = s;
         let d = check(&limits, &mut s, 1_000_000, 0);

@@ -69,9 +69,9 @@ pub use crate::store::RateLimitStore;
 pub use crate::redis::{BatchStats, GCRA_SCRIPT, RedisStore};
 
 #[cfg(feature = "tower")]
-mod http;
+mod tower_layer;
 #[cfg(feature = "tower")]
-pub use crate::http::{
+pub use crate::tower_layer::{
     ClientIp, HeaderKey, IpNet, KeyExtractor, MIN_KEY_SECRET_LEN, MissingKey, PeerAddr,
     ProxyHeader, RateLimitFuture, RateLimitLayer, RateLimitService, write_headers,
 };

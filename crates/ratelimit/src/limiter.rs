@@ -129,7 +129,7 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiterBuilder<S, Q> {
         }
         Ok(RateLimiter {
             inner: Arc::new(Inner {
-                fallback: LocalLimiter::with_selector(Limits::new(), MonotonicClock::default())?,
+                fallback: LocalLimiter::unlimited(),
                 store: self.store,
                 selector: self.selector,
                 timeout: self.timeout,
@@ -224,6 +224,22 @@ impl<S: RateLimitStore> RateLimiter<S, Limits> {
         let mut builder = Self::with_selector(store, limits);
         builder.empty_limits = empty;
         builder
+    }
+}
+
+impl RateLimiter<LocalLimiter<String>, Limits> {
+    /// An in-process limiter: one set of limits, nothing else to build (the in-process store
+    /// takes each check's limits from the limiter). For per-key plans in process, use
+    /// [`with_selector`](Self::with_selector) with a `LocalLimiter` store.
+    ///
+    /// ```
+    /// use stanchion_ratelimit::{Limits, Quota, RateLimiter};
+    /// let limiter = RateLimiter::local(Limits::single(Quota::per_second(10)?)).build()?;
+    /// assert!(limiter.check_now("k", 1).unwrap()?.is_allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn local(limits: Limits) -> RateLimiterBuilder<LocalLimiter<String>, Limits> {
+        Self::builder(LocalLimiter::unlimited(), limits)
     }
 }
 
@@ -379,12 +395,8 @@ impl<S: RateLimitStore, Q: QuotaSelector<str>> RateLimiter<S, Q> {
     /// in-process store.
     ///
     /// ```
-    /// use stanchion_ratelimit::{Limits, LocalLimiter, Quota, RateLimiter};
-    /// let limiter = RateLimiter::builder(
-    ///     LocalLimiter::<String>::new(Limits::new())?,
-    ///     Limits::single(Quota::per_second(1)?),
-    /// )
-    /// .build()?;
+    /// use stanchion_ratelimit::{Limits, Quota, RateLimiter};
+    /// let limiter = RateLimiter::local(Limits::single(Quota::per_second(1)?)).build()?;
     /// assert!(limiter.check_now("k", 1).unwrap()?.is_allowed());
     /// assert!(!limiter.check_now("k", 1).unwrap()?.is_allowed());
     /// # Ok::<(), Box<dyn std::error::Error>>(())

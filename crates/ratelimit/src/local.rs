@@ -80,12 +80,22 @@ impl<K: Hash + Eq + Clone> LocalLimiter<K> {
     pub fn new(limits: Limits) -> Result<Self, BuildError> {
         Self::with_selector(limits, MonotonicClock::default())
     }
+
+    /// A store whose own limits are empty: every check names its limits
+    /// ([`check_limits`](Self::check_limits)), as a `RateLimiter` does.
+    pub(crate) fn unlimited() -> Self {
+        Self::make(Limits::new(), MonotonicClock::default())
+    }
 }
 
 impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> {
     /// A limiter choosing limits per key (see [`Plans`](crate::Plans)), on `clock`.
     pub fn with_selector(selector: Q, clock: C) -> Result<Self, BuildError> {
-        Ok(Self {
+        Ok(Self::make(selector, clock))
+    }
+
+    fn make(selector: Q, clock: C) -> Self {
+        Self {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
@@ -99,7 +109,7 @@ impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> 
             hasher: RandomState::default(),
             selector,
             clock,
-        })
+        }
     }
 
     /// Caps the keys holding state at `max` (at least 64, one per shard; rounded down to a
@@ -159,10 +169,10 @@ impl<K: Hash + Eq + Clone, Q: QuotaSelector<K>, C: Clock> LocalLimiter<K, Q, C> 
             .map
             .find_mut(hash, |(h, k, _)| *h == hash && k.borrow() == key)
         {
-            return gcra::check(limits, tats, now, cost);
+            return gcra::check_tats(limits, tats, now, cost);
         }
         let mut tats: Tats = [0; crate::quota::MAX_LIMITS];
-        let decision = gcra::check(limits, &mut tats, now, cost);
+        let decision = gcra::check_tats(limits, &mut tats, now, cost);
         if gcra::idle_after(&tats) > now {
             // A full sweep when the shard has doubled since the last one (amortised O(1); it
             // stops once the doubled size passes the cap, so a full shard is never swept

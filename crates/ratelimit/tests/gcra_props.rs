@@ -19,7 +19,7 @@ proptest! {
         let quota = Quota::new(rate, Duration::from_millis(period_ms)).unwrap().burst(burst).unwrap();
         let limits = Limits::single(quota);
         let t = quota.emission_interval().as_micros() as u64;
-        let mut state = [0u64; 4];
+        let mut state = gcra::State::default();
         let mut now = 1_000_000_000u64;
         // (time, admitted cost) of every admitted request.
         let mut admitted: Vec<(u64, u64)> = Vec::new();
@@ -65,8 +65,8 @@ proptest! {
         let fast = Quota::per_second(10).unwrap();
         let slow = Quota::per_minute(30).unwrap().burst(5).unwrap();
         let both = Limits::new().with("fast", fast).unwrap().with("slow", slow).unwrap();
-        let mut s_both = [0u64; 4];
-        let (mut s_fast, mut s_slow) = ([0u64; 4], [0u64; 4]);
+        let mut s_both = gcra::State::default();
+        let (mut s_fast, mut s_slow) = (gcra::State::default(), gcra::State::default());
         let mut now = 5_000_000u64;
         for (advance, cost) in steps {
             now += advance;
@@ -98,7 +98,7 @@ proptest! {
             return Ok(());
         };
         let limits = Limits::single(quota);
-        let mut state = [0u64; 4];
+        let mut state = gcra::State::default();
         let mut now = 1_000_000_000u64;
         let mut admitted: Vec<(u64, u64)> = Vec::new();
         for (advance, cost) in steps {
@@ -124,7 +124,7 @@ fn three_per_second_with_a_burst_of_one_denies_a_request_a_third_of_a_second_lat
     // governor denies the second request; the emission interval used to be rounded down to
     // 333,333 µs and admitted it.
     let limits = Limits::single(Quota::per_second(3).unwrap().burst(1).unwrap());
-    let mut state = [0u64; 4];
+    let mut state = gcra::State::default();
     let start = 10_000_000u64;
     assert_eq!(
         gcra::check(&limits, &mut state, start, 1).verdict,
@@ -145,7 +145,7 @@ fn high_rates_never_admit_more_than_a_million_a_second() {
     for rate in [500_001u32, 750_000, 999_999, 1_000_000] {
         let quota = Quota::per_second(rate).unwrap().burst(1).unwrap();
         let limits = Limits::single(quota);
-        let mut state = [0u64; 4];
+        let mut state = gcra::State::default();
         let mut admitted = 0u64;
         for us in 0..1_000_000u64 {
             if gcra::check(&limits, &mut state, 5_000_000 + us, 1).verdict == Verdict::Allowed {

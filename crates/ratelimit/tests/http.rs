@@ -37,12 +37,7 @@ fn app(layer: RateLimitLayer<LocalLimiter<String>, Limits, ClientIp>) -> Router 
 }
 
 fn local_layer() -> RateLimitLayer<LocalLimiter<String>, Limits, ClientIp> {
-    let limiter = RateLimiter::builder(
-        LocalLimiter::<String>::new(Limits::new()).unwrap(),
-        limits(),
-    )
-    .build()
-    .unwrap();
+    let limiter = RateLimiter::local(limits()).build().unwrap();
     RateLimitLayer::new(limiter, ClientIp::trusting(["10.0.0.0/8"]).unwrap())
 }
 
@@ -169,12 +164,7 @@ const SECRET: &[u8] = b"test secret, sixteen bytes or more";
 
 #[tokio::test]
 async fn a_request_without_a_key_is_rejected_or_allowed_as_configured() {
-    let limiter = RateLimiter::builder(
-        LocalLimiter::<String>::new(Limits::new()).unwrap(),
-        limits(),
-    )
-    .build()
-    .unwrap();
+    let limiter = RateLimiter::local(limits()).build().unwrap();
     let reject = Router::new()
         .route("/", get(|| async { "ok" }))
         .layer(RateLimitLayer::new(

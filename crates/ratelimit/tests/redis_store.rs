@@ -45,7 +45,7 @@ proptest! {
         let key = support::prefix("equiv");
         rt.block_on(async {
             let conn = support::manager(&server.url()).await;
-            let mut state = [0u64; 4];
+            let mut state = gcra::State::default();
             let mut now = 1_700_000_000_000_000u64;
             for (advance, cost) in steps {
                 now += advance;
@@ -472,7 +472,7 @@ async fn mixed_limits_and_costs_in_one_batch_decide_like_the_rust_gcra() {
     let decisions = futures_join_all(checks).await;
     for ((key, set, cost), theirs) in cases.iter().zip(decisions) {
         let theirs = theirs.unwrap();
-        let ours = gcra::check(&sets[*set], &mut [0u64; 4], now, *cost);
+        let ours = gcra::check(&sets[*set], &mut gcra::State::default(), now, *cost);
         assert_eq!(
             (theirs.verdict, theirs.quota, theirs.remaining),
             (ours.verdict, ours.quota, ours.remaining),
@@ -690,7 +690,7 @@ async fn the_largest_quotas_decide_exactly_like_the_rust_gcra_for_a_century() {
             4_102_444_800_000_001 + 26 * year,
         ] {
             let key = support::prefix("exact");
-            let mut state = [0u64; 4];
+            let mut state = gcra::State::default();
             for (step, (advance, cost)) in [(0, burst), (1, burst), (1, 1), (3, burst / 2), (0, 0)]
                 .into_iter()
                 .enumerate()

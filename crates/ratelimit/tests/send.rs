@@ -13,12 +13,9 @@ fn assert_send<F: Future + Send>(f: F) -> F {
 fn assert_send_sync<T: Send + Sync>() {}
 
 fn local() -> RateLimiter<LocalLimiter<String>> {
-    RateLimiter::builder(
-        LocalLimiter::<String>::new(Limits::new()).unwrap(),
-        Limits::single(Quota::per_second(10).unwrap()),
-    )
-    .build()
-    .unwrap()
+    RateLimiter::local(Limits::single(Quota::per_second(10).unwrap()))
+        .build()
+        .unwrap()
 }
 
 #[test]

@@ -207,10 +207,7 @@ impl Shop {
             .map_err(|e| Error::Database(e.to_string()))?;
         let saga_log = SqliteSagaLog::new(orders.clone(), SAGA_NAMESPACE).map_err(config_error)?;
         let local = |limits: Limits| -> Result<RateLimiter<LocalLimiter<String>>, Error> {
-            let store = LocalLimiter::<String>::new(Limits::new()).map_err(config_error)?;
-            RateLimiter::builder(store, limits)
-                .build()
-                .map_err(config_error)
+            RateLimiter::local(limits).build().map_err(config_error)
         };
         let parts = Parts {
             dir: Some(dir),

@@ -52,12 +52,8 @@ struct Options {
 /// share one limiter.
 ///
 /// ```
-/// use stanchion_ratelimit::{ClientIp, Limits, LocalLimiter, Quota, RateLimitLayer, RateLimiter};
-/// let limiter = RateLimiter::builder(
-///     LocalLimiter::<String>::new(Limits::new())?,
-///     Limits::single(Quota::per_second(10)?),
-/// )
-/// .build()?;
+/// use stanchion_ratelimit::{ClientIp, Limits, Quota, RateLimitLayer, RateLimiter};
+/// let limiter = RateLimiter::local(Limits::single(Quota::per_second(10)?)).build()?;
 /// let layer = RateLimitLayer::new(limiter, ClientIp::trusting(["10.0.0.0/8"])?)
 ///     .legacy_headers(true)
 ///     .exempt_cors_preflight(true);
