@@ -36,7 +36,7 @@ impl RedisServerBuilder {
     /// Starts the server and waits until it answers `PING`.
     pub fn start(self) -> Result<RedisServer> {
         let base = Arc::new(base_dir("stanchion-redis-")?);
-        RedisServer::start_in(base, "node", self.password, false)
+        RedisServer::start_in(base, "node", self.password, None)
     }
 }
 
@@ -58,6 +58,8 @@ pub struct RedisServer {
     dir: PathBuf,
     port: u16,
     cluster_port: Option<u16>,
+    /// `cluster-node-timeout` in milliseconds (cluster nodes only).
+    node_timeout_ms: u32,
     password: Option<String>,
     child: Option<Child>,
     _base: Arc<tempfile::TempDir>,
@@ -100,7 +102,7 @@ impl RedisServer {
         base: Arc<tempfile::TempDir>,
         name: &str,
         password: Option<String>,
-        cluster: bool,
+        cluster_node_timeout_ms: Option<u32>,
     ) -> Result<Self> {
         let binary = find_binary("redis-server", "redis-server")?;
         let dir = base.path().join(name);
@@ -110,7 +112,11 @@ impl RedisServer {
             binary,
             dir,
             port: free_port()?,
-            cluster_port: if cluster { Some(free_port()?) } else { None },
+            cluster_port: match cluster_node_timeout_ms {
+                Some(_) => Some(free_port()?),
+                None => None,
+            },
+            node_timeout_ms: cluster_node_timeout_ms.unwrap_or(5000),
             password,
             child: None,
             _base: base,
@@ -138,7 +144,8 @@ impl RedisServer {
         }
         if let Some(cluster_port) = self.cluster_port {
             command
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout"])
+                .arg(self.node_timeout_ms.to_string())
                 .arg("--cluster-port")
                 .arg(cluster_port.to_string())
                 .arg("--cluster-config-file")
@@ -281,8 +288,10 @@ fn ping(url: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// A Redis Cluster of three or more masters (no replicas), each a [`RedisServer`], ready when every
-/// node reports `cluster_state:ok` and knows every other node.
+/// A Redis Cluster of three or more masters, each a [`RedisServer`], ready when every node
+/// reports `cluster_state:ok` and knows every other node. [`start`](Self::start) makes masters
+/// only; [`start_with_replicas`](Self::start_with_replicas) gives each master a replica that
+/// takes over when the master is killed.
 ///
 /// ```no_run
 /// let cluster = stanchion_testkit::RedisCluster::start(3)?;
@@ -291,7 +300,9 @@ fn ping(url: &str) -> std::result::Result<(), String> {
 /// ```
 #[derive(Debug)]
 pub struct RedisCluster {
+    /// Masters first, then their replicas in the same order.
     nodes: Vec<RedisServer>,
+    masters: usize,
 }
 
 /// The number of hash slots in Redis Cluster.
@@ -307,12 +318,112 @@ impl RedisCluster {
         }
         let base = Arc::new(base_dir("stanchion-redis-cluster-")?);
         let nodes = (0..masters)
-            .map(|i| RedisServer::start_in(Arc::clone(&base), &format!("node{i}"), None, true))
+            .map(|i| {
+                RedisServer::start_in(Arc::clone(&base), &format!("node{i}"), None, Some(5000))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, masters };
         cluster.assign_slots()?;
         cluster.wait_ok()?;
         Ok(cluster)
+    }
+
+    /// Starts `masters` masters (at least 3) and one replica of each, with a node timeout of
+    /// one second: when a master is killed, its replica is promoted within a few seconds
+    /// (nodes `masters..2 * masters` are the replicas, in the masters' order).
+    ///
+    /// ```no_run
+    /// let mut cluster = stanchion_testkit::RedisCluster::start_with_replicas(3)?;
+    /// cluster.node_mut(0).unwrap().kill()?; // node 3, its replica, takes over
+    /// cluster.wait_for_failover(0)?;
+    /// # Ok::<(), stanchion_testkit::TestkitError>(())
+    /// ```
+    pub fn start_with_replicas(masters: usize) -> Result<Self> {
+        if masters < 3 {
+            return Err(TestkitError::Usage(format!(
+                "a Redis Cluster needs at least 3 masters, got {masters}"
+            )));
+        }
+        let base = Arc::new(base_dir("stanchion-redis-cluster-")?);
+        let nodes = (0..2 * masters)
+            .map(|i| {
+                RedisServer::start_in(Arc::clone(&base), &format!("node{i}"), None, Some(1000))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cluster = Self { nodes, masters };
+        cluster.assign_slots()?;
+        cluster.wait_ok()?;
+        for i in 0..masters {
+            let mut master = cluster.nodes[i].connection()?;
+            let id: String = redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(&mut master)
+                .map_err(|source| TestkitError::Redis {
+                    what: format!("reading node {i}'s id"),
+                    source,
+                })?;
+            let mut replica = cluster.nodes[masters + i].connection()?;
+            redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(&id)
+                .query::<()>(&mut replica)
+                .map_err(|source| TestkitError::Redis {
+                    what: format!("making node {} a replica of node {i}", masters + i),
+                    source,
+                })?;
+        }
+        for i in 0..masters {
+            let url = cluster.nodes[masters + i].url();
+            wait_until(
+                &format!("replica node {} in sync", masters + i),
+                READY_TIMEOUT,
+                || {
+                    let mut conn = connect(&url).map_err(|e| e.to_string())?;
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut conn)
+                        .map_err(|e| e.to_string())?;
+                    if info.lines().any(|l| l.trim() == "master_link_status:up") {
+                        Ok(())
+                    } else {
+                        Err("replication link not up yet".into())
+                    }
+                },
+            )?;
+        }
+        cluster.wait_ok()?;
+        Ok(cluster)
+    }
+
+    /// Waits until master `i`'s replica has been promoted (after `i` was killed) and the
+    /// cluster reports `cluster_state:ok` again from the replica's side.
+    pub fn wait_for_failover(&self, i: usize) -> Result<()> {
+        let Some(replica) = self.nodes.get(self.masters + i) else {
+            return Err(TestkitError::Usage(format!("master {i} has no replica")));
+        };
+        let url = replica.url();
+        wait_until(
+            &format!("node {} promoted", self.masters + i),
+            Duration::from_secs(30),
+            || {
+                let mut conn = connect(&url).map_err(|e| e.to_string())?;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut conn)
+                    .map_err(|e| e.to_string())?;
+                let cluster: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut conn)
+                    .map_err(|e| e.to_string())?;
+                if info.lines().any(|l| l.trim() == "role:master")
+                    && cluster.lines().any(|l| l.trim() == "cluster_state:ok")
+                {
+                    Ok(())
+                } else {
+                    Err("not promoted yet".into())
+                }
+            },
+        )
     }
 
     /// A cluster shared by every test of this test binary. Use a key prefix per test.
@@ -327,9 +438,9 @@ impl RedisCluster {
     }
 
     fn assign_slots(&self) -> Result<()> {
-        let count = self.nodes.len();
+        let count = self.masters;
         let slots = usize::from(CLUSTER_SLOTS);
-        for (i, node) in self.nodes.iter().enumerate() {
+        for (i, node) in self.nodes.iter().take(count).enumerate() {
             let first = i * slots / count;
             let last = (i + 1) * slots / count - 1;
             let mut conn = node.connection()?;
