@@ -57,6 +57,7 @@
 //!
 //! [moka]: https://docs.rs/moka
 
+mod batch;
 mod bus;
 mod cache;
 mod clock;
@@ -71,6 +72,7 @@ mod skip;
 mod stats;
 mod store;
 
+pub use batch::{BatchLoadError, BatchLoader, MAX_BATCH_KEYS, MAX_BATCH_WINDOW};
 pub use cache::{TieredCache, TieredCacheBuilder};
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "json")]

@@ -25,8 +25,10 @@ async fn every_public_future_is_send() {
                 .collect::<HashMap<_, _>>(),
         )
     };
+    let batched = c.batch_loader(8, Duration::from_millis(1), many).unwrap();
     let cc = c.clone();
     tokio::spawn(async move {
+        assert_send(batched.get(&9)).await.unwrap();
         assert_send(cc.get_or_load(&1, load)).await.unwrap();
         assert_send(cc.get(&1)).await.unwrap();
         assert_send(cc.get_many(&[1, 2])).await.unwrap();
@@ -53,6 +55,14 @@ fn handles_are_send_sync_and_clone() {
     fn check<T: Send + Sync + Clone + 'static>() {}
     check::<TieredCache<u64, String, MemoryCacheStore>>();
     check::<MemoryCacheStore>();
+    check::<
+        stanchion_tiered_cache::BatchLoader<
+            u64,
+            String,
+            MemoryCacheStore,
+            stanchion_tiered_cache::Postcard,
+        >,
+    >();
     #[cfg(feature = "redis")]
     check::<stanchion_tiered_cache::RedisCacheStore<redis::aio::ConnectionManager>>();
 }
