@@ -3,6 +3,7 @@
 //! waits one window, failures and panics reach every waiter, values loaded by one instance are
 //! read from Redis by another without loading, and bad settings are refused.
 
+#[cfg(feature = "redis")]
 mod support;
 
 use std::collections::HashMap;
