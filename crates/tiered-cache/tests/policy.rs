@@ -1,6 +1,7 @@
 //! TTL policies on a manual clock (the in-memory store: these are about time, not Redis),
 //! and corrupt or oversized values on a real Redis.
 
+#[cfg(feature = "redis")]
 mod support;
 
 use std::sync::Arc;
