@@ -16,6 +16,43 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+type Limiter = RateLimiter<RedisStore<redis::aio::ConnectionManager>>;
+
+/// A limiter built on `rt` (its connection's driver runs there), 100 ms recheck.
+fn limiter_on(rt: &tokio::runtime::Runtime, server: &RedisServer, test: &str) -> Limiter {
+    rt.block_on(async {
+        let store = RedisStore::new(
+            support::manager(&server.url()).await,
+            &support::prefix(test),
+        );
+        RateLimiter::builder(store, Limits::single(Quota::per_minute(100).unwrap()))
+            .timeout(Duration::from_millis(100))
+            .recheck_interval(Duration::from_millis(100))
+            .build()
+            .unwrap()
+    })
+}
+
+/// Checks `k` on `rt` every 50 ms (none may hang) until one is decided by Redis, at most `n`
+/// times; the sources seen.
+fn sources_until_shared(rt: &tokio::runtime::Runtime, limiter: &Limiter, n: usize) -> Vec<Source> {
+    let mut sources = Vec::new();
+    for _ in 0..n {
+        let d = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(2), limiter.check("k", 1)).await
+            })
+            .expect("a check on the second runtime hung")
+            .unwrap();
+        sources.push(d.source);
+        if d.source == Source::Shared {
+            break;
+        }
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    }
+    sources
+}
+
 #[test]
 fn a_store_whose_first_runtime_shut_down_works_on_the_next() {
     let server = RedisServer::start().unwrap();
@@ -62,34 +99,14 @@ fn a_store_whose_first_runtime_shut_down_works_on_the_next() {
 fn a_limiter_whose_first_runtime_shut_down_keeps_deciding() {
     let server = RedisServer::start().unwrap();
     let first = runtime();
-    let limiter = first.block_on(async {
-        let store = RedisStore::new(
-            support::manager(&server.url()).await,
-            &support::prefix("runtimes-limiter"),
-        );
-        RateLimiter::builder(store, Limits::single(Quota::per_minute(100).unwrap()))
-            .timeout(Duration::from_millis(200))
-            .recheck_interval(Duration::from_millis(100))
-            .build()
-            .unwrap()
-    });
+    let limiter = limiter_on(&first, &server, "runtimes-limiter");
     assert_eq!(
         first.block_on(limiter.check("k", 1)).unwrap().source,
         Source::Shared
     );
     drop(first);
     let second = runtime();
-    let mut sources = Vec::new();
-    for _ in 0..40 {
-        let d = second
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(2), limiter.check("k", 1)).await
-            })
-            .expect("a check on the second runtime hung")
-            .unwrap();
-        sources.push(d.source);
-        second.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
-    }
+    let sources = sources_until_shared(&second, &limiter, 40);
     eprintln!("{sources:?}");
     assert_eq!(sources.last(), Some(&Source::Shared), "{sources:?}");
 }
@@ -101,17 +118,7 @@ fn a_limiter_whose_first_runtime_shut_down_keeps_deciding() {
 fn a_probe_that_died_with_its_runtime_is_started_again() {
     let mut server = RedisServer::start().unwrap();
     let first = runtime();
-    let limiter = first.block_on(async {
-        let store = RedisStore::new(
-            support::manager(&server.url()).await,
-            &support::prefix("runtimes-probe"),
-        );
-        RateLimiter::builder(store, Limits::single(Quota::per_minute(100).unwrap()))
-            .timeout(Duration::from_millis(100))
-            .recheck_interval(Duration::from_millis(100))
-            .build()
-            .unwrap()
-    });
+    let limiter = limiter_on(&first, &server, "runtimes-probe");
     server.kill().unwrap();
     // Fails over to the fallback and starts a probe on the first runtime.
     let d = first.block_on(limiter.check("k", 1)).unwrap();
@@ -120,20 +127,7 @@ fn a_probe_that_died_with_its_runtime_is_started_again() {
     drop(first);
     server.restart().unwrap();
     let second = runtime();
-    let mut sources = Vec::new();
-    for _ in 0..60 {
-        let d = second
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(2), limiter.check("k", 1)).await
-            })
-            .expect("a check on the second runtime hung")
-            .unwrap();
-        sources.push(d.source);
-        if d.source == Source::Shared {
-            break;
-        }
-        second.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
-    }
+    let sources = sources_until_shared(&second, &limiter, 60);
     eprintln!("{} checks until Redis was used again", sources.len());
     assert_eq!(sources.last(), Some(&Source::Shared), "{sources:?}");
 }

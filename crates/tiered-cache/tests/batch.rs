@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stanchion_tiered_cache::{BatchLoadError, CacheError, MemoryCacheStore, Policy, TieredCache};
+use stanchion_tiered_cache::{
+    BatchLoadError, BatchLoader, CacheError, MemoryCacheStore, Policy, TieredCache,
+};
 
 type Calls = Arc<Mutex<Vec<Vec<u64>>>>;
 
@@ -34,6 +36,27 @@ fn recording(calls: &Calls) -> impl Fn(Vec<u64>) -> Loaded + Send + Sync + 'stat
     }
 }
 
+/// Every id asked for at once through `loader` (each under a 5 s bound: nobody may hang), in
+/// order.
+async fn get_all<S, C>(
+    loader: &BatchLoader<u64, String, S, C>,
+    ids: impl IntoIterator<Item = u64>,
+) -> Vec<Result<Option<String>, CacheError>>
+where
+    S: stanchion_tiered_cache::CacheStore,
+    C: stanchion_tiered_cache::Codec<String>,
+{
+    futures_util::future::join_all(ids.into_iter().map(|id| {
+        let loader = loader.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), loader.get(&id))
+                .await
+                .expect("a waiter hung")
+        }
+    }))
+    .await
+}
+
 fn policy() -> Policy {
     Policy::builder(Duration::from_secs(3600))
         .negative_ttl(Duration::from_secs(60))
@@ -53,12 +76,7 @@ async fn concurrent_misses_become_one_call_per_window_and_batches_respect_max_ke
         .unwrap();
     // An order page's 20 lines, each asking for its product (with repeats), plus a missing id.
     let ids: Vec<u64> = (0..20).map(|i| i % 15).chain([5_000]).collect();
-    let got = futures_util::future::join_all(ids.iter().map(|id| {
-        let loader = loader.clone();
-        let id = *id;
-        async move { loader.get(&id).await }
-    }))
-    .await;
+    let got = get_all(&loader, ids.iter().copied()).await;
     for (id, v) in ids.iter().zip(&got) {
         let expected = (*id < 1_000).then(|| format!("product {id}"));
         assert_eq!(v.as_ref().unwrap(), &expected, "id {id}");
@@ -74,13 +92,9 @@ async fn concurrent_misses_become_one_call_per_window_and_batches_respect_max_ke
     assert_eq!(calls.lock().unwrap().len(), 1);
 
     // 100 distinct misses with max 32: four calls, none above 32 keys, every key once.
-    let got = futures_util::future::join_all((100..200u64).map(|id| {
-        let loader = loader.clone();
-        async move { (id, loader.get(&id).await.unwrap()) }
-    }))
-    .await;
-    for (id, v) in got {
-        assert_eq!(v, Some(format!("product {id}")));
+    let got = get_all(&loader, 100..200).await;
+    for (id, v) in (100..200u64).zip(got) {
+        assert_eq!(v.unwrap(), Some(format!("product {id}")));
     }
     let made = calls.lock().unwrap()[1..].to_vec();
     assert!(made.iter().all(|c| c.len() <= 32), "{made:?}");
@@ -125,11 +139,7 @@ async fn a_failed_or_panicking_load_reaches_every_waiter() {
             Err::<HashMap<u64, String>, _>(std::io::Error::other("database down"))
         })
         .unwrap();
-    let got = futures_util::future::join_all((0..10u64).map(|id| {
-        let l = failing.clone();
-        async move { l.get(&id).await }
-    }))
-    .await;
+    let got = get_all(&failing, 0..10).await;
     for r in got {
         match r {
             Err(CacheError::Load(e)) => {
@@ -149,13 +159,8 @@ async fn a_failed_or_panicking_load_reaches_every_waiter() {
             Ok::<HashMap<u64, String>, std::io::Error>(HashMap::new())
         })
         .unwrap();
-    let got = futures_util::future::join_all((20..25u64).map(|id| {
-        let l = panicking.clone();
-        async move { tokio::time::timeout(Duration::from_secs(5), l.get(&id)).await }
-    }))
-    .await;
+    let got = get_all(&panicking, 20..25).await;
     for r in got {
-        let r = r.expect("a waiter hung after a panic");
         match r {
             Err(CacheError::Load(e)) => assert!(matches!(
                 e.downcast_ref::<BatchLoadError>(),
@@ -205,21 +210,19 @@ async fn values_one_instance_loaded_are_read_from_redis_by_the_others() {
         );
     }
     let page: Vec<u64> = (0..40).collect();
-    let first = futures_util::future::join_all(page.iter().map(|id| {
-        let l = loaders[0].clone();
-        let id = *id;
-        async move { l.get(&id).await.unwrap() }
-    }))
-    .await;
+    let first: Vec<Option<String>> = get_all(&loaders[0], page.iter().copied())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     assert!(first.iter().all(Option::is_some));
     assert_eq!(calls.lock().unwrap().len(), 1);
     for l in &loaders[1..] {
-        let got = futures_util::future::join_all(page.iter().map(|id| {
-            let l = l.clone();
-            let id = *id;
-            async move { l.get(&id).await.unwrap() }
-        }))
-        .await;
+        let got: Vec<Option<String>> = get_all(l, page.iter().copied())
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(got, first);
         assert_eq!(l.batches(), 0, "served from Redis");
     }
