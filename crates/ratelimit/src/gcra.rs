@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use crate::quota::{Limits, MAX_LIMITS};
 
-/// What a check decided.
+/// What a check decided. Exhaustive on purpose (not `#[non_exhaustive]`): a check admits,
+/// refuses for now, or can never admit, so callers may match the three without a wildcard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// Admitted; it counts against every quota.

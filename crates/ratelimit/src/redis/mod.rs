@@ -253,19 +253,29 @@ where
     }
 }
 
-/// Collects queued checks into batches; ends when every store clone is gone.
+/// Collects queued checks into batches; ends when every store clone is gone, and then aborts
+/// the script calls still under way (a hung Redis must not keep the connection alive for a
+/// store nobody holds).
 async fn batcher<C>(exec: Arc<Exec<C>>, mut rx: mpsc::UnboundedReceiver<Job>)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    // Dropped when the loop ends: aborts the calls still under way.
+    let mut calls = tokio::task::JoinSet::new();
     let finished = Arc::new(Notify::new());
     // Checks in the calls under way.
     let ahead = Arc::new(AtomicUsize::new(0));
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        // Wait for a free call, or for every store to go (then abort the calls).
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = rx_closed(&rx) => return,
         };
+        while calls.try_join_next().is_some() {}
         let mut jobs = vec![first];
         loop {
             while jobs.len() < MAX_BATCH {
@@ -294,12 +304,19 @@ where
         ahead.fetch_add(n, Ordering::AcqRel);
         let (exec, finished, ahead) =
             (Arc::clone(&exec), Arc::clone(&finished), Arc::clone(&ahead));
-        tokio::spawn(async move {
+        calls.spawn(async move {
             exec.execute(jobs).await;
             ahead.fetch_sub(n, Ordering::AcqRel);
             drop(permit);
             finished.notify_one();
         });
+    }
+}
+
+/// Resolves once every sender of `rx` is gone (every store clone dropped).
+async fn rx_closed(rx: &mpsc::UnboundedReceiver<Job>) {
+    while !rx.is_closed() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
