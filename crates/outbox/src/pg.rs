@@ -153,7 +153,7 @@ impl Statements {
                  WHERE id = $3 AND EXISTS (SELECT 1 FROM held) RETURNING dead_at IS NOT NULL"
             )),
             release: s(format!(
-                "UPDATE {ns}.outbox_lanes l SET owner = NULL, lease_until = '-infinity' \
+                "UPDATE {ns}.outbox_lanes l SET owner = NULL, lease_until = clock_timestamp() - interval '1 microsecond' \
                  FROM unnest($1::int4[], $2::int8[]) AS c(lane, token) \
                  WHERE l.lane = c.lane AND l.token = c.token"
             )),

@@ -139,7 +139,7 @@ impl Statements {
                  WHERE id = ?1 RETURNING dead_us IS NOT NULL"
             )),
             release: s(format!(
-                "UPDATE {ns}_outbox_lanes SET owner = NULL, lease_until_us = 0 WHERE lane = ? AND token = ?"
+                "UPDATE {ns}_outbox_lanes SET owner = NULL, lease_until_us = ?3 WHERE lane = ?1 AND token = ?2"
             )),
             stats: s(format!(
                 "SELECT (SELECT count(*) FROM {ns}_outbox WHERE {pending}) AS depth, \
@@ -556,10 +556,14 @@ impl OutboxStore for SqliteOutbox {
     }
 
     async fn release(&self, claims: &[LaneClaim]) -> Result<(), StoreError> {
+        // Released lanes go behind the lanes held less recently (a microsecond back, so a claim
+        // in the same microsecond still finds them free).
+        let now = now_us().saturating_sub(1);
         for c in claims {
             sqlx::query(q(&self.sql.release))
                 .bind(i64::from(c.lane))
                 .bind(c.token)
+                .bind(now)
                 .execute(&self.pool)
                 .await
                 .map_err(StoreError::Database)?;

@@ -357,3 +357,61 @@ pub fn bad_events() -> Vec<(Event, &'static str)> {
         (Event::new("k", "t", vec![b'x'; 2 << 20]), "over the limit"),
     ]
 }
+
+/// Lanes whose every event waits for a retry do not stand in front of the others: with two
+/// lanes claimed per turn and both lowest lanes holding a rejected event in a long backoff, an
+/// event on a third lane is published at once (claims go to the lanes held least recently).
+/// The outbox has 4 lanes.
+pub async fn lanes_waiting_for_a_retry_do_not_starve_the_others<D: Db>(db: D) {
+    let config = stanchion_outbox::OutboxConfig::builder()
+        .lanes(4)
+        .build()
+        .unwrap();
+    let key_in = |lane: u32| {
+        (0..)
+            .map(|i| format!("key{i}"))
+            .find(|k| config.lane_of(k) == lane)
+            .unwrap()
+    };
+    let (a, b, healthy) = (key_in(0), key_in(1), key_in(3));
+    let (publisher, rx) = ChannelPublisher::new(1024);
+    let seen = Collected::spawn(rx);
+    let relay = Relay::builder(db.store(), RejectPoison(publisher))
+        .lanes_per_turn(2)
+        .concurrency(1)
+        .max_attempts(50)
+        .retry_backoff(Duration::from_secs(3), Duration::from_secs(3))
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    db.enqueue(
+        vec![
+            Event::new(a.as_str(), "poison", b"{}".to_vec()),
+            Event::new(b.as_str(), "poison", b"{}".to_vec()),
+        ],
+        true,
+        true,
+    )
+    .await;
+    let start = Instant::now();
+    while relay.stats().failed_attempts < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "poison never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ids = db.enqueue(vec![ev(&healthy, 0)], false, true).await;
+    let start = Instant::now();
+    seen.wait_for(&ids, Duration::from_secs(10)).await;
+    let took = start.elapsed();
+    // Well inside the poison events' 3 s backoff: the healthy lane was claimed at once.
+    assert!(
+        took < Duration::from_millis(1500),
+        "published after {took:?}"
+    );
+    relay.shutdown(Duration::from_secs(5)).await.unwrap();
+}
