@@ -261,13 +261,15 @@ async fn send<K, V>(
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    // A key appears once per batch even if two single flights of it met here.
-    let mut keys: Vec<K> = Vec::with_capacity(waiters.len());
-    for (k, _) in &waiters {
-        if !keys.contains(k) {
-            keys.push(k.clone());
-        }
-    }
+    // A key appears once per batch even if two single flights of it met here (a set, not a
+    // scan of the keys so far: a batch may hold thousands).
+    let mut distinct: std::collections::HashSet<&K> =
+        std::collections::HashSet::with_capacity(waiters.len());
+    let keys: Vec<K> = waiters
+        .iter()
+        .filter(|(k, _)| distinct.insert(k))
+        .map(|(k, _)| k.clone())
+        .collect();
     batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let loaded = std::panic::AssertUnwindSafe((shared.load_many)(keys))
         .catch_unwind()

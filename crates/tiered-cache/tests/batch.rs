@@ -57,6 +57,13 @@ where
     .await
 }
 
+/// A cache of products in memory (no Redis), with "not found" cached.
+fn memory_cache() -> TieredCache<u64, String, MemoryCacheStore> {
+    TieredCache::builder("product", MemoryCacheStore::new(), policy())
+        .build()
+        .unwrap()
+}
+
 fn policy() -> Policy {
     Policy::builder(Duration::from_secs(3600))
         .negative_ttl(Duration::from_secs(60))
@@ -66,10 +73,7 @@ fn policy() -> Policy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_become_one_call_per_window_and_batches_respect_max_keys() {
-    let cache =
-        TieredCache::<u64, String, _>::builder("product", MemoryCacheStore::new(), policy())
-            .build()
-            .unwrap();
+    let cache = memory_cache();
     let calls: Calls = Arc::default();
     let loader = cache
         .batch_loader(32, Duration::from_millis(20), recording(&calls))
@@ -111,10 +115,7 @@ async fn concurrent_misses_become_one_call_per_window_and_batches_respect_max_ke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_miss_is_loaded_after_one_window() {
-    let cache =
-        TieredCache::<u64, String, _>::builder("product", MemoryCacheStore::new(), policy())
-            .build()
-            .unwrap();
+    let cache = memory_cache();
     let calls: Calls = Arc::default();
     let loader = cache
         .batch_loader(64, Duration::from_millis(30), recording(&calls))
@@ -130,10 +131,7 @@ async fn a_lone_miss_is_loaded_after_one_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_or_panicking_load_reaches_every_waiter() {
-    let cache =
-        TieredCache::<u64, String, _>::builder("product", MemoryCacheStore::new(), policy())
-            .build()
-            .unwrap();
+    let cache = memory_cache();
     let failing = cache
         .batch_loader(8, Duration::from_millis(5), |_ids: Vec<u64>| async {
             Err::<HashMap<u64, String>, _>(std::io::Error::other("database down"))
@@ -173,10 +171,7 @@ async fn a_failed_or_panicking_load_reaches_every_waiter() {
 
 #[tokio::test]
 async fn bad_settings_are_refused() {
-    let cache =
-        TieredCache::<u64, String, _>::builder("product", MemoryCacheStore::new(), policy())
-            .build()
-            .unwrap();
+    let cache = memory_cache();
     let calls: Calls = Arc::default();
     for (max, window) in [
         (0, Duration::from_millis(1)),
