@@ -143,60 +143,15 @@ async fn checks_whose_callers_gave_up_are_never_sent() {
     assert!(store.check("after", &limits, 1).await.unwrap().is_allowed());
 }
 
-/// A connection that counts its live clones.
-struct Counted {
-    inner: redis::aio::ConnectionManager,
-    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Clone for Counted {
-    fn clone(&self) -> Self {
-        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self {
-            inner: self.inner.clone(),
-            live: std::sync::Arc::clone(&self.live),
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl redis::aio::ConnectionLike for Counted {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        self.inner.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.inner.req_packed_commands(cmd, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
-    }
-}
-
 /// A store dropped while Redis hangs with its script calls on the wire lets go of its
 /// connection at once: the calls under way are aborted, not left holding it until Redis
 /// answers (which may be never).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_dropped_while_redis_hangs_releases_its_connection() {
     use stanchion_ratelimit::RateLimitStore;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
     let server = RedisServer::start().unwrap();
-    let live = std::sync::Arc::new(AtomicUsize::new(1));
     // No response timeout: a hung call would otherwise end by itself after redis-rs's default
     // (500 ms), hiding what the store does.
     let config = redis::aio::ConnectionManagerConfig::new()
@@ -209,10 +164,8 @@ async fn a_store_dropped_while_redis_hangs_releases_its_connection() {
     )
     .await
     .unwrap();
-    let conn = Counted {
-        inner: manager,
-        live: std::sync::Arc::clone(&live),
-    };
+    let (conn, watch) = support::Watched::new(manager);
+    let live = &watch.live;
     let store = std::sync::Arc::new(RedisStore::new(conn, &support::prefix("dropped")));
     let limits = std::sync::Arc::new(Limits::single(Quota::per_second(10).unwrap()));
     assert!(store.check("warm", &limits, 1).await.unwrap().is_allowed());

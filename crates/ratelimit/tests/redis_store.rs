@@ -710,43 +710,6 @@ async fn the_largest_quotas_decide_exactly_like_the_rust_gcra_for_a_century() {
     }
 }
 
-/// A cluster connection that records how many commands were in flight at once.
-#[derive(Clone)]
-struct Watched {
-    inner: redis::cluster_async::ClusterConnection,
-    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl redis::aio::ConnectionLike for Watched {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        use std::sync::atomic::Ordering;
-        Box::pin(async move {
-            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most.fetch_max(n, Ordering::SeqCst);
-            let out = self.inner.req_packed_command(cmd).await;
-            self.now.fetch_sub(1, Ordering::SeqCst);
-            out
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.inner.req_packed_commands(cmd, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
-    }
-}
-
 /// A batch over many hash slots goes out as one script call per slot, all at once (not one
 /// after another): with 64 checks in flight over 64 keys in distinct slots, dozens of calls are
 /// under way together, and every check is still answered exactly.
@@ -755,12 +718,7 @@ async fn a_batch_over_many_cluster_slots_sends_its_slot_groups_at_once() {
     use redis::cluster_routing::Slot;
     let cluster = RedisCluster::shared().unwrap();
     let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
-    let watched = Watched {
-        inner: client.get_async_connection().await.unwrap(),
-        now: Default::default(),
-        most: Default::default(),
-    };
-    let most = std::sync::Arc::clone(&watched.most);
+    let (watched, watch) = support::Watched::new(client.get_async_connection().await.unwrap());
     let store = RedisStore::new(watched, &support::prefix("slots-at-once")).for_cluster();
     // 64 keys, each in a slot of its own.
     let mut keys: Vec<String> = Vec::new();
@@ -792,7 +750,7 @@ async fn a_batch_over_many_cluster_slots_sends_its_slot_groups_at_once() {
     }
     let took = start.elapsed();
     let stats = store.batch_stats();
-    let most = most.load(std::sync::atomic::Ordering::SeqCst);
+    let most = watch.most.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!("512 checks over 64 slots in {took:?}; {stats:?}; {most} calls in flight at most");
     assert_eq!(admitted, 64 * 5, "5 per key");
     // Two batches may be under way; each sends its slot groups together.
