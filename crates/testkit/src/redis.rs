@@ -276,6 +276,21 @@ fn connect(url: &str) -> redis::RedisResult<redis::Connection> {
     Ok(conn)
 }
 
+/// The text a command such as `INFO replication` or `CLUSTER INFO` answers on `url`.
+fn info_text(url: &str, command: &[&str]) -> std::result::Result<String, String> {
+    let mut conn = connect(url).map_err(|e| e.to_string())?;
+    let mut cmd = redis::cmd(command[0]);
+    for arg in &command[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query(&mut conn).map_err(|e| e.to_string())
+}
+
+/// Whether `text` (an info reply) has the line `line`.
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
 fn ping(url: &str) -> std::result::Result<(), String> {
     let mut conn = connect(url).map_err(|e| e.to_string())?;
     let pong: String = redis::cmd("PING")
@@ -378,12 +393,8 @@ impl RedisCluster {
                 &format!("replica node {} in sync", masters + i),
                 READY_TIMEOUT,
                 || {
-                    let mut conn = connect(&url).map_err(|e| e.to_string())?;
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query(&mut conn)
-                        .map_err(|e| e.to_string())?;
-                    if info.lines().any(|l| l.trim() == "master_link_status:up") {
+                    let info = info_text(&url, &["INFO", "replication"])?;
+                    if has_line(&info, "master_link_status:up") {
                         Ok(())
                     } else {
                         Err("replication link not up yet".into())
@@ -406,18 +417,9 @@ impl RedisCluster {
             &format!("node {} promoted", self.masters + i),
             Duration::from_secs(30),
             || {
-                let mut conn = connect(&url).map_err(|e| e.to_string())?;
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query(&mut conn)
-                    .map_err(|e| e.to_string())?;
-                let cluster: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query(&mut conn)
-                    .map_err(|e| e.to_string())?;
-                if info.lines().any(|l| l.trim() == "role:master")
-                    && cluster.lines().any(|l| l.trim() == "cluster_state:ok")
-                {
+                let info = info_text(&url, &["INFO", "replication"])?;
+                let cluster = info_text(&url, &["CLUSTER", "INFO"])?;
+                if has_line(&info, "role:master") && has_line(&cluster, "cluster_state:ok") {
                     Ok(())
                 } else {
                     Err("not promoted yet".into())
@@ -478,12 +480,8 @@ impl RedisCluster {
                 &format!("cluster node on port {}", node.port),
                 READY_TIMEOUT,
                 || {
-                    let mut conn = connect(&url).map_err(|e| e.to_string())?;
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query(&mut conn)
-                        .map_err(|e| e.to_string())?;
-                    let ok = info.lines().any(|l| l.trim() == "cluster_state:ok");
+                    let info = info_text(&url, &["CLUSTER", "INFO"])?;
+                    let ok = has_line(&info, "cluster_state:ok");
                     let known = info
                         .lines()
                         .find_map(|l| l.trim().strip_prefix("cluster_known_nodes:"))
