@@ -111,6 +111,22 @@ fn redis_in_flight(c: &mut Criterion) {
         start.elapsed()
     }
 
+    /// Store checks, 64 in flight, keys cycling over 1,000.
+    async fn drive_checks<C>(iters: u64, store: Arc<RedisStore<C>>, limits: Arc<Limits>) -> Duration
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        drive(iters, move |i| {
+            let (store, limits) = (store.clone(), limits.clone());
+            async move {
+                let key = format!("k{}", i % 1000);
+                let d = store.check(&key, &limits, 1).await.expect("check");
+                black_box(d);
+            }
+        })
+        .await
+    }
+
     let trivial = Arc::new(redis::Script::new("return 1"));
     g.bench_function("bare_evalsha_trivial", |b| {
         b.to_async(&rt).iter_custom(|iters| {
@@ -194,17 +210,8 @@ fn redis_in_flight(c: &mut Criterion) {
         ("stanchion_redis_check_two_limits", limits.clone()),
     ] {
         g.bench_function(name, |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (store, limits) = (store.clone(), limits.clone());
-                drive(iters, move |i| {
-                    let (store, limits) = (store.clone(), limits.clone());
-                    async move {
-                        let key = format!("k{}", i % 1000);
-                        let d = store.check(&key, &limits, 1).await.expect("check");
-                        black_box(d);
-                    }
-                })
-            })
+            b.to_async(&rt)
+                .iter_custom(|iters| drive_checks(iters, store.clone(), limits.clone()))
         });
     }
     // The same checks on a three-master Redis Cluster: keys spread over many hash slots, each
@@ -217,17 +224,8 @@ fn redis_in_flight(c: &mut Criterion) {
     });
     let one_limit = Arc::new(Limits::single(Quota::per_second(1_000_000).unwrap()));
     g.bench_function("stanchion_redis_cluster_check_one_limit", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let (store, limits) = (cluster_store.clone(), one_limit.clone());
-            drive(iters, move |i| {
-                let (store, limits) = (store.clone(), limits.clone());
-                async move {
-                    let key = format!("k{}", i % 1000);
-                    let d = store.check(&key, &limits, 1).await.expect("check");
-                    black_box(d);
-                }
-            })
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| drive_checks(iters, cluster_store.clone(), one_limit.clone()))
     });
     g.finish();
     let stats = cluster_store.batch_stats();
