@@ -21,17 +21,27 @@ fn cluster() -> &'static PostgresCluster {
     C.get_or_init(|| PostgresCluster::start(0).unwrap())
 }
 
-async fn log_on(cluster: &PostgresCluster, acquire: Duration) -> PgSagaLog {
+/// A saga log in a new database of `cluster`, migrated, and its pool (for the test's own
+/// tables).
+async fn log_and_pool(
+    cluster: &PostgresCluster,
+    connections: u32,
+    acquire: Duration,
+) -> (PgSagaLog, sqlx::PgPool) {
     let db = cluster.create_database().unwrap();
     let pool = PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(connections)
         .acquire_timeout(acquire)
         .connect(&db.primary_url)
         .await
         .unwrap();
-    let log = PgSagaLog::new(pool, "shop").unwrap();
+    let log = PgSagaLog::new(pool.clone(), "shop").unwrap();
     log.migrate().await.unwrap();
-    log
+    (log, pool)
+}
+
+async fn log_on(cluster: &PostgresCluster, acquire: Duration) -> PgSagaLog {
+    log_and_pool(cluster, 8, acquire).await.0
 }
 
 async fn log() -> PgSagaLog {
@@ -305,14 +315,7 @@ async fn a_deadline_before_the_pivot_compensates() {
 /// end: one row per saga, written with the commit that recorded the step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steps_work_in_the_log_transaction_commits_with_it_or_not_at_all() {
-    let db = cluster().create_database().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&db.primary_url)
-        .await
-        .unwrap();
-    let log = PgSagaLog::new(pool.clone(), "shop").unwrap();
-    log.migrate().await.unwrap();
+    let (log, pool) = log_and_pool(cluster(), 8, Duration::from_secs(30)).await;
     sqlx::raw_sql("CREATE TABLE outbox_events (saga text NOT NULL, key text NOT NULL)")
         .execute(&pool)
         .await
@@ -551,14 +554,7 @@ fn trip(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parallel_group_runs_its_branches_at_once_and_compensates_all_of_them() {
     use std::sync::atomic::AtomicUsize;
-    let db = cluster().create_database().unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&db.primary_url)
-        .await
-        .unwrap();
-    let log = PgSagaLog::new(pool.clone(), "shop").unwrap();
-    log.migrate().await.unwrap();
+    let (log, pool) = log_and_pool(cluster(), 12, Duration::from_secs(30)).await;
     sqlx::raw_sql(
         "CREATE TABLE calls (key text PRIMARY KEY, n int NOT NULL);
          CREATE TABLE booked (what text NOT NULL, key text NOT NULL, PRIMARY KEY (what, key));",
