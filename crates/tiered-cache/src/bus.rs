@@ -15,6 +15,13 @@ pub(crate) enum Body {
     Filled(String),
     /// The lease holder's load of this L2 key failed.
     Failed(String),
+    /// A tag of the caches under key prefix `prefix` moved to `generation`: entries with the
+    /// tag loaded before it are stale, in every namespace.
+    Tag {
+        prefix: String,
+        name: String,
+        generation: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +61,13 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_garbage() {
         let m = Message::new(7, "product", Body::Keys(vec!["1".into(), "2".into()]));
+        assert_eq!(Message::decode(&m.encode()), Some(m));
+        let tag = Body::Tag {
+            prefix: "shop:".into(),
+            name: "category:7".into(),
+            generation: 9,
+        };
+        let m = Message::new(7, "product", tag);
         assert_eq!(Message::decode(&m.encode()), Some(m));
         assert_eq!(Message::decode(b"\xff\xff\xff"), None);
         assert_eq!(Message::decode(&[]), None);

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::bus::{Body, MAX_KEYS_PER_MESSAGE, Message};
 use crate::clock::{Clock, SystemClock};
 use crate::codec::{Codec, Postcard};
-use crate::entry::{self, Kind, Times};
+use crate::entry::{self, Kind, MAX_TAG_BYTES, MAX_TAGS, Tagged, Times};
 use crate::error::{BuildError, CacheError, CodecError, StoreError};
 use crate::policy::Policy;
 use crate::skip::{ConsecutiveFailures, SkipPolicy};
@@ -46,9 +46,21 @@ struct L1Entry<V> {
     generation: u64,
     /// Dropped from L1 at this time (ms).
     l1_until: u64,
+    /// The entry's tags and the tag time of its load.
+    tags: Option<Arc<Tagged>>,
 }
 
 type Shared<V> = Result<Option<V>, CacheError>;
+
+/// What a load captured before it began, to judge its value by afterwards.
+#[derive(Debug, Clone, Copy)]
+struct Before {
+    /// The key's invalidation stripe epoch.
+    epoch: u64,
+    /// The tag clock: the value is stale if one of its tags moved past it.
+    tag_time: u64,
+    started: Instant,
+}
 
 /// One load in progress in this process; callers for the same key wait on it.
 struct Flight<V> {
@@ -84,6 +96,23 @@ impl<K: Hash + Eq, V> Drop for FlightGuard<K, V> {
 type Flights<K, V> = Mutex<HashMap<K, Arc<Flight<V>>>>;
 
 type Weigher<K, V> = Arc<dyn Fn(&K, &V) -> u32 + Send + Sync>;
+
+type Tagger<K, V> = Arc<dyn Fn(&K, &V) -> Vec<String> + Send + Sync>;
+
+/// Most tag generations an instance keeps in memory.
+const MAX_KNOWN_TAGS: u64 = 100_000;
+
+/// What an instance knows of the tags' generations in L2.
+struct Tags {
+    /// Each tag's generation, kept for the L1 TTL: a lost bus message is made good by reading
+    /// L2 again.
+    gens: moka::sync::Cache<String, u64>,
+    /// The newest generation of any tag this instance has seen: the tag time of loads
+    /// starting now. Lower than L2's only makes entries look older than they are.
+    clock: AtomicU64,
+    /// Whether `clock` was read from L2 since the bus (re)connected.
+    clock_known: AtomicBool,
+}
 
 /// A caller waiting for another instance's load of an L2 key.
 #[derive(Debug, Default)]
@@ -122,6 +151,8 @@ struct Inner<K, V, S, C> {
     instance: u64,
     bus_up: watch::Sender<bool>,
     stats: Counters,
+    tagger: Option<Tagger<K, V>>,
+    tags: Tags,
     #[cfg(feature = "metrics")]
     labels: Vec<metrics::Label>,
 }
@@ -194,6 +225,7 @@ pub struct TieredCacheBuilder<K, V, S, C = Postcard> {
     max_value_bytes: usize,
     compress_above: Option<usize>,
     max_refreshes: usize,
+    tagger: Option<Tagger<K, V>>,
     _types: PhantomData<fn(K, V)>,
 }
 
@@ -225,6 +257,7 @@ impl<K, V, S> TieredCache<K, V, S, Postcard> {
             max_value_bytes: 1 << 20,
             compress_above: Some(1024),
             max_refreshes: 16,
+            tagger: None,
             _types: PhantomData,
         }
     }
@@ -248,6 +281,7 @@ impl<K, V, S, C> TieredCacheBuilder<K, V, S, C> {
             max_value_bytes: self.max_value_bytes,
             compress_above: self.compress_above,
             max_refreshes: self.max_refreshes,
+            tagger: self.tagger,
             _types: PhantomData,
         }
     }
@@ -309,6 +343,34 @@ impl<K, V, S, C> TieredCacheBuilder<K, V, S, C> {
     /// later caller.
     pub fn max_refreshes(mut self, n: usize) -> Self {
         self.max_refreshes = n;
+        self
+    }
+    /// Tags each loaded or inserted value with `tagger(key, value)` (up to 32 tags of 1 to
+    /// 128 bytes; a value given more or longer ones is served but not cached, and counted in
+    /// [`Stats::invalid_tags`]). [`TieredCache::invalidate_tag`] then drops every value
+    /// carrying the tag, in every namespace under the same key prefix, on every instance.
+    /// Cached "not found" answers have no value to tag and are not tagged.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use stanchion_tiered_cache::{MemoryCacheStore, Policy, TieredCache};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let policy = Policy::builder(Duration::from_secs(60)).build()?;
+    /// // (product id) -> (name, category id)
+    /// let products = TieredCache::<u64, (String, u32), _>::builder("product", MemoryCacheStore::new(), policy)
+    ///     .tags(|_id, (_name, category)| vec![format!("category:{category}")])
+    ///     .build()?;
+    /// let load = || async { Ok::<_, std::io::Error>(Some(("lamp".to_string(), 7))) };
+    /// products.get_or_load(&1, load).await?;
+    /// products.get_or_load(&1, load).await?;
+    /// assert_eq!(products.stats().loads, 1);
+    /// products.invalidate_tag("category:7").await?;
+    /// products.get_or_load(&1, load).await?;
+    /// assert_eq!(products.stats().loads, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+    /// ```
+    pub fn tags(mut self, tagger: impl Fn(&K, &V) -> Vec<String> + Send + Sync + 'static) -> Self {
+        self.tagger = Some(Arc::new(tagger));
         self
     }
 }
@@ -401,6 +463,7 @@ where
             Some(s) => s,
             None => Arc::new(ConsecutiveFailures::new(3, Duration::from_secs(5))?),
         };
+        let known_tags_ttl = self.policy.l1_ttl().max(Duration::from_millis(1));
         let inner = Arc::new(Inner {
             #[cfg(feature = "metrics")]
             labels: vec![metrics::Label::new(
@@ -429,6 +492,15 @@ where
             instance: fastrand::u64(1..),
             bus_up: watch::channel(false).0,
             stats: Counters::default(),
+            tagger: self.tagger,
+            tags: Tags {
+                gens: moka::sync::Cache::builder()
+                    .max_capacity(MAX_KNOWN_TAGS)
+                    .time_to_live(known_tags_ttl)
+                    .build(),
+                clock: AtomicU64::new(0),
+                clock_known: AtomicBool::new(false),
+            },
         });
         let subscription = inner.store.subscribe();
         runtime.spawn(listen(Arc::downgrade(&inner), subscription));
@@ -451,8 +523,10 @@ where
         match event {
             BusEvent::Connected => {
                 inner.clear_l1();
-                // The generation may have moved while nobody listened.
+                // The generation and tags may have moved while nobody listened.
                 inner.generation_known.store(false, Ordering::Release);
+                inner.tags.gens.invalidate_all();
+                inner.tags.clock_known.store(false, Ordering::Release);
                 inner.bus_up.send_replace(true);
             }
             BusEvent::Lost => {
@@ -466,7 +540,8 @@ where
                     tracing::debug!("unreadable bus message ignored");
                     continue;
                 };
-                if m.origin == inner.instance || m.namespace != inner.namespace {
+                let tag = matches!(m.body, Body::Tag { .. });
+                if m.origin == inner.instance || (m.namespace != inner.namespace && !tag) {
                     continue;
                 }
                 inner.apply(m.body);
@@ -730,6 +805,7 @@ where
         }
         let ask: Vec<K> = missing.iter().map(|&i| keys[i].clone()).collect();
         count!(inner, loads);
+        let tag_time = inner.tags.clock.load(Ordering::Acquire);
         let started = Instant::now();
         let loaded = AssertUnwindSafe(loader(ask)).catch_unwind().await;
         add(
@@ -758,8 +834,11 @@ where
                     load_ms,
                     expect,
                     true,
-                    epoch_before[i],
-                    started,
+                    Before {
+                        epoch: epoch_before[i],
+                        tag_time,
+                        started,
+                    },
                 )
                 .await;
             out[i] = value;
@@ -776,23 +855,33 @@ where
     pub async fn insert(&self, key: &K, value: V) -> Result<(), CacheError> {
         let inner = &self.inner;
         inner.bump_epoch(key);
+        // The generation and the tag clock first: the value's tag time must not lag them.
+        let skey = match inner.policy.tiers().l2() || inner.tagger.is_some() {
+            true => Some(inner.store_key(key).await),
+            false => None,
+        };
+        let Ok(tags) = inner.tags_of(key, &value, None).await else {
+            // The value cannot be cached: the old one goes everywhere instead.
+            return self.invalidate_many(std::slice::from_ref(key)).await;
+        };
         let now = inner.clock.now_ms();
         let times = inner.policy.times(now, 0, true, fastrand::f64());
         let stamp = fastrand::u64(1..);
         let mut result = Ok(());
         if inner.policy.tiers().l2()
-            && let Some(bytes) = inner.entry_bytes(Some(&value), stamp, times)?
+            && let Some(bytes) = inner.entry_bytes(Some(&value), stamp, times, tags.as_deref())?
         {
             let keep = inner.policy.l2_keep_ms(&times, now);
-            result = match inner.store_key(key).await {
-                Ok(skey) => inner
+            result = match skey {
+                Some(Ok(skey)) => inner
                     .l2(inner.store.set(&skey, bytes, keep, Expect::Any))
                     .await
                     .map(drop),
-                Err(e) => Err(e),
+                Some(Err(e)) => Err(e),
+                None => Ok(()),
             };
         }
-        let entry = inner.l1_entry(Some(value), times, now);
+        let entry = inner.l1_entry(Some(value), times, tags, now);
         inner.l1_put(key, entry, inner.epoch(key));
         let sent = inner.publish(Body::Keys(vec![key.to_string()])).await;
         result.and(sent).map_err(CacheError::from)
@@ -835,6 +924,7 @@ where
                         expires_at: now,
                         load_ms: 0,
                     },
+                    None,
                     &[],
                     None,
                 );
@@ -870,6 +960,41 @@ where
         let generation = inner.l2(inner.store.incr(&inner.generation_key())).await?;
         inner.set_generation(generation);
         inner.publish(Body::Generation(generation)).await?;
+        Ok(())
+    }
+
+    /// Invalidates every value tagged `tag` (see [`TieredCacheBuilder::tags`]) in every
+    /// namespace under this cache's key prefix, on every instance: the tag moves to a new
+    /// generation in L2 (no key scan; two single-key calls, so it works the same on a
+    /// cluster) and the bus tells the other instances. A load that began before this call
+    /// does not cache its value under the tag.
+    ///
+    /// Other instances stop serving their copies when the bus message arrives; if it is lost,
+    /// within the L1 TTL (each instance keeps a tag's generation no longer than that).
+    /// Each invalidated tag leaves one counter in L2, without expiry.
+    ///
+    /// # Errors
+    /// [`CacheError::InvalidTag`] for an empty tag or one over 128 bytes;
+    /// [`CacheError::Store`] when L2 fails (the tag may then be invalidated or not: call
+    /// again) or the bus fails (the tag is invalidated; other instances see it within their
+    /// L1 TTL).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+            return Err(CacheError::InvalidTag { len: tag.len() });
+        }
+        let inner = &self.inner;
+        let clock = inner.l2(inner.store.incr(&inner.tag_clock_key())).await?;
+        let generation = inner
+            .l2(inner.store.raise(&inner.tag_key(tag), clock))
+            .await?;
+        inner.learn_tag(tag, generation);
+        inner
+            .publish(Body::Tag {
+                prefix: inner.prefix.clone(),
+                name: tag.to_owned(),
+                generation,
+            })
+            .await?;
         Ok(())
     }
 
@@ -999,6 +1124,144 @@ where
                     w.notify.notify_waiters();
                 }
             }
+            Body::Tag {
+                prefix,
+                name,
+                generation,
+            } => {
+                if prefix == self.prefix {
+                    count!(self, invalidations_received);
+                    self.learn_tag(&name, generation);
+                }
+            }
+        }
+    }
+
+    fn tag_key(&self, name: &str) -> String {
+        format!("{}:tag:{name}", self.prefix)
+    }
+
+    /// The counter every tag invalidation moves; a tag's generation is its value then.
+    fn tag_clock_key(&self) -> String {
+        format!("{}:tags", self.prefix)
+    }
+
+    /// Records that tag `name` is at `generation` or later.
+    fn learn_tag(&self, name: &str, generation: u64) {
+        self.tags
+            .gens
+            .entry_by_ref(name)
+            .and_upsert_with(|old| old.map_or(generation, |e| (*e.value()).max(generation)));
+        self.tags.clock.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// Whether no tag of an entry moved past its tag time: `None` when some tag's generation
+    /// is not known here.
+    fn tags_current(&self, tagged: &Tagged) -> Option<bool> {
+        let mut known = true;
+        for name in &tagged.names {
+            match self.tags.gens.get(name.as_str()) {
+                Some(g) if g > tagged.time => return Some(false),
+                Some(_) => {}
+                None => known = false,
+            }
+        }
+        known.then_some(true)
+    }
+
+    /// Reads from L2 the generations of `names` not known here (concurrently, one call per
+    /// tag).
+    async fn fetch_tags(&self, names: &[&str]) {
+        let mut unknown: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !self.tags.gens.contains_key(*n))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        if unknown.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = unknown.iter().map(|n| self.tag_key(n)).collect();
+        let reads = keys.iter().map(|k| self.l2(self.store.counter(k)));
+        let got = futures_util::future::join_all(reads).await;
+        for (name, g) in unknown.into_iter().zip(got) {
+            if let Ok(g) = g {
+                self.learn_tag(name, g);
+            }
+        }
+    }
+
+    /// Empties the slots of entries a tag invalidation made stale (or whose tags cannot be
+    /// checked because L2 did not answer).
+    async fn drop_stale_tagged(&self, entries: &mut [Option<Arc<L1Entry<V>>>]) {
+        let tagged = |e: &Option<Arc<L1Entry<V>>>| e.as_ref().and_then(|e| e.tags.clone());
+        let all: Vec<Arc<Tagged>> = entries.iter().filter_map(tagged).collect();
+        if all.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = all
+            .iter()
+            .flat_map(|t| t.names.iter().map(String::as_str))
+            .collect();
+        self.fetch_tags(&names).await;
+        for slot in entries {
+            if let Some(t) = tagged(slot)
+                && self.tags_current(&t) != Some(true)
+            {
+                *slot = None;
+            }
+        }
+    }
+
+    /// The tags of `value` with the tag time they are judged by: `time` for a load (the tag
+    /// clock when it began), or `None` for a value written through (current now). `Err`
+    /// when the value must not be cached: its tags are invalid, a tag moved during the load,
+    /// or L2 could not say where a tag stands.
+    async fn tags_of(
+        &self,
+        key: &K,
+        value: &V,
+        time: Option<u64>,
+    ) -> Result<Option<Arc<Tagged>>, ()> {
+        let Some(tagger) = &self.tagger else {
+            return Ok(None);
+        };
+        let mut names = tagger(key, value);
+        if names.is_empty() {
+            return Ok(None);
+        }
+        names.sort_unstable();
+        names.dedup();
+        if names.len() > MAX_TAGS
+            || names
+                .iter()
+                .any(|n| n.is_empty() || n.len() > MAX_TAG_BYTES)
+        {
+            count!(self, invalid_tags);
+            tracing::warn!(cache.namespace = %self.namespace, cache.tags = names.len(), "tagger gave invalid tags; value not cached");
+            return Err(());
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.fetch_tags(&refs).await;
+        let mut tagged = Tagged { time: 0, names };
+        tagged.time = match time {
+            Some(t) => t,
+            None => {
+                let newest = tagged
+                    .names
+                    .iter()
+                    .filter_map(|n| self.tags.gens.get(n.as_str()));
+                newest.fold(self.tags.clock.load(Ordering::Acquire), u64::max)
+            }
+        };
+        match self.tags_current(&tagged) {
+            Some(true) => Ok(Some(Arc::new(tagged))),
+            Some(false) => {
+                count!(self, stale_writes_refused);
+                Err(())
+            }
+            None => Err(()),
         }
     }
 
@@ -1012,10 +1275,21 @@ where
 
     fn l1_get(&self, key: &K, now: u64) -> Option<Arc<L1Entry<V>>> {
         let e = self.l1.as_ref()?.get(key)?;
-        (e.generation == self.generation.load(Ordering::Acquire) && now < e.l1_until).then_some(e)
+        (e.generation == self.generation.load(Ordering::Acquire)
+            && now < e.l1_until
+            && e.tags
+                .as_deref()
+                .is_none_or(|t| self.tags_current(t) == Some(true)))
+        .then_some(e)
     }
 
-    fn l1_entry(&self, value: Option<V>, times: Times, now: u64) -> Arc<L1Entry<V>> {
+    fn l1_entry(
+        &self,
+        value: Option<V>,
+        times: Times,
+        tags: Option<Arc<Tagged>>,
+        now: u64,
+    ) -> Arc<L1Entry<V>> {
         let l1_ms = self.policy.l1_ttl().as_millis() as u64;
         let keep = self.policy.stale_until(&times);
         Arc::new(L1Entry {
@@ -1023,6 +1297,7 @@ where
             times,
             generation: self.generation.load(Ordering::Acquire),
             l1_until: now.saturating_add(l1_ms).min(keep.max(now)),
+            tags,
         })
     }
 
@@ -1059,9 +1334,20 @@ where
         format!("{}{}:gen", self.prefix, self.namespace)
     }
 
-    /// The L2 key of `key` in the current generation (read from L2 when not yet known).
+    /// The L2 key of `key` in the current generation (read from L2 when not yet known, with
+    /// the tag clock when this cache tags its values).
     async fn store_key(&self, key: &K) -> Result<String, StoreError> {
-        if !self.generation_known.load(Ordering::Acquire) {
+        let clock = self.tagger.is_some() && !self.tags.clock_known.load(Ordering::Acquire);
+        if clock {
+            let (gkey, ckey) = (self.generation_key(), self.tag_clock_key());
+            let (g, c) = tokio::join!(
+                self.l2(self.store.counter(&gkey)),
+                self.l2(self.store.counter(&ckey)),
+            );
+            self.set_generation(g?);
+            self.tags.clock.fetch_max(c?, Ordering::AcqRel);
+            self.tags.clock_known.store(true, Ordering::Release);
+        } else if !self.generation_known.load(Ordering::Acquire) {
             let g = self.l2(self.store.counter(&self.generation_key())).await?;
             self.set_generation(g);
         }
@@ -1136,7 +1422,11 @@ where
         let mut got = self
             .l2(self.store.get_many(std::slice::from_ref(skey)))
             .await?;
-        Ok(self.read(got.pop().flatten(), now))
+        let (expect, entry) = self.read(got.pop().flatten(), now);
+        let mut slot = [entry];
+        self.drop_stale_tagged(&mut slot).await;
+        let [entry] = slot;
+        Ok((expect, entry))
     }
 
     /// What L2 held for a key: the condition a write-back must meet (the key still absent,
@@ -1174,7 +1464,7 @@ where
                 }
             },
         };
-        Some(self.l1_entry(value, raw.times, now))
+        Some(self.l1_entry(value, raw.times, raw.tags.map(Arc::new), now))
     }
 
     /// L1 and one L2 round trip for `keys`: usable entries (fresh, or stale if
@@ -1213,9 +1503,14 @@ where
             skeys.push(self.store_key(&keys[i]).await?);
         }
         let values = self.l2(self.store.get_many(&skeys)).await?;
-        for (n, (&i, bytes)) in missing.iter().zip(values).enumerate() {
+        let mut entries = Vec::with_capacity(missing.len());
+        for (&i, bytes) in missing.iter().zip(values) {
             let (expect, entry) = self.read(bytes, now);
             expects[i] = Some(expect);
+            entries.push(entry);
+        }
+        self.drop_stale_tagged(&mut entries).await;
+        for (n, (&i, entry)) in missing.iter().zip(entries).enumerate() {
             match entry {
                 Some(e) if usable(&e) => {
                     count!(self, l2_hits);
@@ -1388,6 +1683,7 @@ where
         E: std::error::Error + Send + Sync + 'static,
     {
         count!(self, loads);
+        let tag_time = self.tags.clock.load(Ordering::Acquire);
         let started = Instant::now();
         let result = AssertUnwindSafe(async move { loader().await })
             .catch_unwind()
@@ -1405,8 +1701,11 @@ where
                     load_ms,
                     found.expect,
                     found.l2_ok,
-                    epoch,
-                    started,
+                    Before {
+                        epoch,
+                        tag_time,
+                        started,
+                    },
                 )
                 .await;
                 return Ok(value);
@@ -1427,8 +1726,7 @@ where
     }
 
     /// Writes a loaded value (or "not found") to L2 if nothing newer is there, and to L1 if
-    /// no invalidation came since `epoch`.
-    #[allow(clippy::too_many_arguments)]
+    /// no invalidation came since the load began.
     async fn store_loaded(
         &self,
         key: &K,
@@ -1436,12 +1734,23 @@ where
         load_ms: u32,
         expect: Expect,
         l2_ok: bool,
-        epoch: u64,
-        started: Instant,
+        before: Before,
     ) {
         if value.is_none() && self.policy.negative_ttl().is_none() {
             return;
         }
+        let Before {
+            epoch,
+            tag_time,
+            started,
+        } = before;
+        let tags = match &value {
+            Some(v) => match self.tags_of(key, v, Some(tag_time)).await {
+                Ok(t) => t,
+                Err(()) => return,
+            },
+            None => None,
+        };
         let now = self.clock.now_ms();
         let times = self
             .policy
@@ -1454,7 +1763,7 @@ where
                 refused = true;
                 count!(self, stale_writes_refused);
             } else if let Some(bytes) = self
-                .entry_bytes(value.as_ref(), stamp, times)
+                .entry_bytes(value.as_ref(), stamp, times, tags.as_deref())
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, cache.namespace = %self.namespace, "value does not encode; not written to L2");
                     None
@@ -1474,7 +1783,7 @@ where
             }
         }
         if !refused {
-            let entry = self.l1_entry(value, times, now);
+            let entry = self.l1_entry(value, times, tags, now);
             self.l1_put(key, entry, epoch);
         }
     }
@@ -1486,13 +1795,21 @@ where
         value: Option<&V>,
         stamp: u64,
         times: Times,
+        tags: Option<&Tagged>,
     ) -> Result<Option<Vec<u8>>, CodecError> {
         let bytes = match value {
             Some(v) => {
                 let payload = self.codec.encode(v)?;
-                entry::encode(Kind::Value, stamp, times, &payload, self.compress_above)
+                entry::encode(
+                    Kind::Value,
+                    stamp,
+                    times,
+                    tags,
+                    &payload,
+                    self.compress_above,
+                )
             }
-            None => entry::encode(Kind::Absent, stamp, times, &[], None),
+            None => entry::encode(Kind::Absent, stamp, times, None, &[], None),
         };
         if bytes.len() > self.max_value_bytes {
             count!(self, oversized);

@@ -1,9 +1,17 @@
 //! The bytes of one L2 entry: a fixed header (kind, a unique stamp, the times every instance
-//! judges freshness by) and the encoded value, lz4-compressed above a threshold.
+//! judges freshness by), the entry's tags if it has any, and the encoded value,
+//! lz4-compressed above a threshold.
 
 use crate::error::CodecError;
 
 const FORMAT: u8 = 1;
+/// The format of an entry with tags: the header, then the tag time (u64), the number of tags
+/// (u8) and each tag as a length (u8) and its bytes, then the payload.
+const FORMAT_TAGGED: u8 = 2;
+/// Most tags on one entry.
+pub(crate) const MAX_TAGS: usize = 32;
+/// Longest tag, in bytes.
+pub(crate) const MAX_TAG_BYTES: usize = 128;
 /// Bytes before the payload.
 pub(crate) const HEADER: usize = 39;
 const LZ4: u8 = 1;
@@ -32,21 +40,32 @@ pub(crate) struct Times {
     pub(crate) load_ms: u32,
 }
 
+/// An entry's tags and the tag time of its load: the entry is current while every tag's
+/// generation is at most `time`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tagged {
+    pub(crate) time: u64,
+    pub(crate) names: Vec<String>,
+}
+
 /// A decoded header and the (decompressed) payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Raw {
     pub(crate) kind: Kind,
     pub(crate) stamp: u64,
     pub(crate) times: Times,
+    pub(crate) tags: Option<Tagged>,
     pub(crate) payload: Vec<u8>,
 }
 
 /// Encodes an entry. The payload is compressed when it is at least `compress_above` bytes and
-/// compression saves something.
+/// compression saves something. Tags beyond [`MAX_TAGS`] or longer than [`MAX_TAG_BYTES`]
+/// are the caller's to refuse (they are cut here).
 pub(crate) fn encode(
     kind: Kind,
     stamp: u64,
     times: Times,
+    tags: Option<&Tagged>,
     payload: &[u8],
     compress_above: Option<usize>,
 ) -> Vec<u8> {
@@ -59,7 +78,11 @@ pub(crate) fn encode(
     };
     let body = compressed.as_deref().unwrap_or(payload);
     let mut out = Vec::with_capacity(HEADER + body.len());
-    out.push(FORMAT);
+    out.push(if tags.is_some() {
+        FORMAT_TAGGED
+    } else {
+        FORMAT
+    });
     out.push(match kind {
         Kind::Value => 0,
         Kind::Absent => 1,
@@ -71,8 +94,43 @@ pub(crate) fn encode(
     out.extend_from_slice(&times.fresh_until.to_le_bytes());
     out.extend_from_slice(&times.expires_at.to_le_bytes());
     out.extend_from_slice(&times.load_ms.to_le_bytes());
+    if let Some(t) = tags {
+        out.extend_from_slice(&t.time.to_le_bytes());
+        let names: Vec<&[u8]> = t
+            .names
+            .iter()
+            .map(|n| &n.as_bytes()[..n.len().min(MAX_TAG_BYTES)])
+            .take(MAX_TAGS)
+            .collect();
+        out.push(names.len() as u8);
+        for n in names {
+            out.push(n.len() as u8);
+            out.extend_from_slice(n);
+        }
+    }
     out.extend_from_slice(body);
     out
+}
+
+/// Reads the tag section at the start of `rest`: the tags and the bytes after them.
+fn decode_tags(rest: &[u8]) -> Result<(Tagged, &[u8]), CodecError> {
+    let short = || CodecError::Decode("entry tags cut short".into());
+    let time = u64_at(rest, 0)?;
+    let count = *rest.get(8).ok_or_else(short)?;
+    if usize::from(count) > MAX_TAGS {
+        return Err(CodecError::Decode(format!("entry claims {count} tags")));
+    }
+    let mut at = 9;
+    let mut names = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = usize::from(*rest.get(at).ok_or_else(short)?);
+        let bytes = rest.get(at + 1..at + 1 + len).ok_or_else(short)?;
+        let name = std::str::from_utf8(bytes)
+            .map_err(|_| CodecError::Decode("entry tag is not UTF-8".into()))?;
+        names.push(name.to_owned());
+        at += 1 + len;
+    }
+    Ok((Tagged { time, names }, &rest[at..]))
 }
 
 /// The stamp of stored bytes: bytes 3 to 11, zero-padded when the value is shorter (a corrupt
@@ -102,7 +160,7 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
             bytes.len()
         )));
     }
-    if bytes[0] != FORMAT {
+    if bytes[0] != FORMAT && bytes[0] != FORMAT_TAGGED {
         return Err(CodecError::Decode(format!(
             "unknown entry format {}",
             bytes[0]
@@ -124,7 +182,12 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
             .map(u32::from_le_bytes)
             .unwrap_or(0),
     };
-    let body = &bytes[HEADER..];
+    let (tags, body) = if bytes[0] == FORMAT_TAGGED {
+        let (t, body) = decode_tags(&bytes[HEADER..])?;
+        (Some(t), body)
+    } else {
+        (None, &bytes[HEADER..])
+    };
     let payload = match bytes[2] {
         0 => body.to_vec(),
         LZ4 => {
@@ -138,8 +201,16 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
                     "compressed value claims {size} bytes, over the {max_bytes}-byte limit"
                 )));
             }
-            lz4_flex::decompress_size_prepended(body)
-                .map_err(|e| CodecError::Decode(format!("lz4: {e}")))?
+            let out = lz4_flex::decompress_size_prepended(body)
+                .map_err(|e| CodecError::Decode(format!("lz4: {e}")))?;
+            // A stream cut short can still decode, to fewer bytes than it claims.
+            if out.len() != size as usize {
+                return Err(CodecError::Decode(format!(
+                    "compressed value gave {} of its {size} bytes",
+                    out.len()
+                )));
+            }
+            out
         }
         f => return Err(CodecError::Decode(format!("unknown entry flags {f}"))),
     };
@@ -147,6 +218,7 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
         kind,
         stamp: stamp_of(bytes),
         times,
+        tags,
         payload,
     })
 }
@@ -168,7 +240,7 @@ mod tests {
     fn round_trips_with_and_without_compression() {
         let payload = vec![7u8; 10_000];
         for above in [None, Some(64)] {
-            let bytes = encode(Kind::Value, 42, times(), &payload, above);
+            let bytes = encode(Kind::Value, 42, times(), None, &payload, above);
             assert_eq!(bytes.len() < 1_000, above.is_some());
             let raw = decode(&bytes, 1 << 20).unwrap();
             assert_eq!((raw.kind, raw.stamp, raw.times), (Kind::Value, 42, times()));
@@ -176,19 +248,55 @@ mod tests {
         }
     }
 
+    fn tags() -> Tagged {
+        Tagged {
+            time: 99,
+            names: vec!["category:7".into(), "brand:é".into(), String::new()],
+        }
+    }
+
+    #[test]
+    fn tagged_entries_round_trip_and_keep_the_stamp_in_place() {
+        let payload = vec![3u8; 5_000];
+        for above in [None, Some(64)] {
+            let bytes = encode(Kind::Value, 42, times(), Some(&tags()), &payload, above);
+            assert_eq!(stamp_of(&bytes), 42);
+            let raw = decode(&bytes, 1 << 20).unwrap();
+            assert_eq!((raw.kind, raw.times), (Kind::Value, times()));
+            assert_eq!(raw.tags, Some(tags()));
+            assert_eq!(raw.payload, payload);
+        }
+        let untagged = decode(&encode(Kind::Absent, 1, times(), None, &[], None), 64).unwrap();
+        assert_eq!(untagged.tags, None);
+    }
+
     #[test]
     fn incompressible_payloads_are_stored_as_they_are() {
         let payload: Vec<u8> = (0..200u32).map(|i| (i * 7919 % 251) as u8).collect();
-        let bytes = encode(Kind::Value, 1, times(), &payload, Some(16));
+        let bytes = encode(Kind::Value, 1, times(), None, &payload, Some(16));
         assert_eq!(bytes[2], 0);
     }
 
     #[test]
     fn corrupt_entries_are_errors_not_panics() {
-        let good = encode(Kind::Value, 1, times(), &[9u8; 4_000], Some(16));
+        let good = encode(Kind::Value, 1, times(), None, &[9u8; 4_000], Some(16));
         for cut in 0..good.len() {
-            let _ = decode(&good[..cut], 1 << 20);
+            assert!(decode(&good[..cut], 1 << 20).is_err(), "cut at {cut}");
         }
+        let tagged = encode(
+            Kind::Value,
+            1,
+            times(),
+            Some(&tags()),
+            &[9u8; 400],
+            Some(16),
+        );
+        for cut in 0..tagged.len() {
+            assert!(decode(&tagged[..cut], 1 << 20).is_err(), "cut at {cut}");
+        }
+        let mut many = tagged.clone();
+        many[HEADER + 8] = 200;
+        assert!(decode(&many, 1 << 20).is_err());
         let mut bomb = good.clone();
         bomb[HEADER..HEADER + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&bomb, 1 << 20).is_err());

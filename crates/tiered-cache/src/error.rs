@@ -81,6 +81,13 @@ pub enum CacheError {
     /// A value could not be encoded.
     #[error("codec error")]
     Codec(#[from] CodecError),
+    /// A tag given to [`crate::TieredCache::invalidate_tag`] is empty or longer than 128
+    /// bytes.
+    #[error("invalid tag of {len} bytes: tags are 1 to 128 bytes")]
+    InvalidTag {
+        /// The tag's length in bytes.
+        len: usize,
+    },
 }
 
 impl CacheError {

@@ -144,6 +144,13 @@ impl CacheStore for MemoryCacheStore {
         Ok(*c)
     }
 
+    async fn raise(&self, key: &str, value: u64) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let c = state.counters.entry(key.to_owned()).or_insert(0);
+        *c = (*c).max(value);
+        Ok(*c)
+    }
+
     async fn try_lease(&self, key: &str, token: u64, ttl_ms: u64) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();

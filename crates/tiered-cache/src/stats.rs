@@ -65,6 +65,9 @@ counters! {
     oversized,
     /// Loaded values not written back because an invalidation came first.
     stale_writes_refused,
+    /// Values not cached because the tagger gave more than 32 tags, or an empty tag or one
+    /// over 128 bytes.
+    invalid_tags,
 }
 
 #[inline]

@@ -110,6 +110,10 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Adds one to a counter and returns the new value.
     fn incr(&self, key: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Sets a counter to `value` if that is more than it holds (atomically) and returns what
+    /// it holds afterwards.
+    fn raise(&self, key: &str, value: u64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Takes the lease `key` for `ttl_ms` if nobody holds it.
     fn try_lease(
         &self,

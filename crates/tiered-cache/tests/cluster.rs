@@ -1,5 +1,5 @@
 //! On a real Redis Cluster (three masters): reads, multi-key reads across slots, invalidation
-//! between instances and namespace generations.
+//! between instances, namespace generations and tags.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -14,6 +14,11 @@ type ClusterCache =
     TieredCache<u64, String, RedisCacheStore<redis::cluster_async::ClusterConnection>>;
 
 async fn instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
+    instance_tagged(cluster, p, false).await
+}
+
+/// An instance; with `tags`, each value is tagged `group:{key % 3}`.
+async fn instance_tagged(cluster: &RedisCluster, p: &str, tags: bool) -> ClusterCache {
     let client = redis::cluster::ClusterClient::builder(cluster.urls())
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_millis(500))
@@ -23,12 +28,14 @@ async fn instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
     // The bus subscribes on one node: Redis Cluster forwards PUBLISH to every node.
     let subscriber = redis::Client::open(cluster.urls()[0].as_str()).unwrap();
     let store = RedisCacheStore::new(conn, Some(subscriber), p);
-    let c = TieredCache::builder("product", store, hour())
+    let mut b = TieredCache::builder("product", store, hour())
         .key_prefix(p)
         .l2_timeout(Duration::from_millis(500))
-        .lease(Duration::from_secs(5), Duration::from_secs(2))
-        .build()
-        .unwrap();
+        .lease(Duration::from_secs(5), Duration::from_secs(2));
+    if tags {
+        b = b.tags(|k: &u64, _: &String| vec![format!("group:{}", k % 3)]);
+    }
+    let c = b.build().unwrap();
     assert!(c.wait_for_bus(Duration::from_secs(5)).await);
     c
 }
@@ -82,4 +89,37 @@ async fn reads_writes_and_invalidations_work_across_slots() {
         tokio::task::yield_now().await;
     }
     assert!(a.get_many(&keys).await.unwrap().iter().all(Option::is_none));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_invalidate_values_on_every_node() {
+    let cluster = RedisCluster::shared().unwrap();
+    let p = prefix("cluster-tags");
+    let a = instance_tagged(cluster, &p, true).await;
+    let b = instance_tagged(cluster, &p, true).await;
+    let keys: Vec<u64> = (0..300).collect();
+    a.get_or_load_many(&keys, batch).await.unwrap();
+    assert!(b.get_many(&keys).await.unwrap().iter().all(Option::is_some));
+    assert_eq!(b.stats().l2_hits, 300);
+    a.invalidate_tag("group:1").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let got = b.get_many(&keys).await.unwrap();
+        let (gone, kept): (Vec<_>, Vec<_>) = keys.iter().partition(|k| *k % 3 == 1);
+        if gone.iter().all(|&&k| got[k as usize].is_none()) {
+            assert!(
+                kept.iter().all(|&&k| got[k as usize].is_some()),
+                "only group 1 goes"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::task::yield_now().await;
+    }
+    // A third instance reads the tags from the cluster and agrees.
+    let c = instance_tagged(cluster, &p, true).await;
+    let got = c.get_many(&keys).await.unwrap();
+    for k in &keys {
+        assert_eq!(got[*k as usize].is_some(), k % 3 != 1, "key {k}");
+    }
 }

@@ -28,6 +28,19 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 "#;
 
+/// Sets KEYS[1] to ARGV[1] if that is more than it holds; returns what it holds afterwards.
+/// Both are decimal strings without leading zeros, compared as such (Lua numbers are doubles,
+/// exact only to 2^53).
+const RAISE: &str = r#"
+local cur = redis.call('GET', KEYS[1]) or '0'
+local new = ARGV[1]
+if #new > #cur or (#new == #cur and new > cur) then
+  redis.call('SET', KEYS[1], new)
+  return new
+end
+return cur
+"#;
+
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -42,6 +55,7 @@ struct Inner<C> {
     conn: C,
     set_if: redis::Script,
     release: redis::Script,
+    raise: redis::Script,
     channel: String,
     bus: broadcast::Sender<BusEvent>,
     subscriber: Option<redis::Client>,
@@ -108,6 +122,7 @@ where
                 conn,
                 set_if: redis::Script::new(SET_IF),
                 release: redis::Script::new(RELEASE),
+                raise: redis::Script::new(RAISE),
                 channel: format!("{prefix}bus"),
                 bus: broadcast::channel(4096).0,
                 subscriber,
@@ -294,6 +309,20 @@ where
             .query_async(&mut conn)
             .await
             .map_err(|e| backend(&e))
+    }
+
+    async fn raise(&self, key: &str, value: u64) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let held: String = self
+            .inner
+            .raise
+            .key(key)
+            .arg(value.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| backend(&e))?;
+        held.parse()
+            .map_err(|_| StoreError::Protocol(format!("counter {key:?} holds {held:?}")))
     }
 
     async fn try_lease(&self, key: &str, token: u64, ttl_ms: u64) -> Result<bool, StoreError> {
