@@ -17,6 +17,24 @@ async fn instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
     instance_tagged(cluster, p, false).await
 }
 
+/// An instance whose bus uses sharded pub/sub.
+async fn sharded_instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
+    let client = redis::cluster::ClusterClient::builder(cluster.urls())
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let conn = client.get_async_connection().await.unwrap();
+    let store = RedisCacheStore::sharded(conn, cluster.urls(), p).unwrap();
+    let c = TieredCache::builder("product", store, hour())
+        .key_prefix(p)
+        .l2_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(c.wait_for_bus(Duration::from_secs(5)).await);
+    c
+}
+
 /// An instance; with `tags`, each value is tagged `group:{key % 3}`.
 async fn instance_tagged(cluster: &RedisCluster, p: &str, tags: bool) -> ClusterCache {
     let client = redis::cluster::ClusterClient::builder(cluster.urls())
@@ -121,5 +139,76 @@ async fn tags_invalidate_values_on_every_node() {
     let got = c.get_many(&keys).await.unwrap();
     for k in &keys {
         assert_eq!(got[*k as usize].is_some(), k % 3 != 1, "key {k}");
+    }
+}
+
+/// How many subscribers each node has for `channel`, sharded and plain.
+fn subscribers(cluster: &RedisCluster, channel: &str) -> (Vec<i64>, Vec<i64>) {
+    let count = |sub: &str| {
+        cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                let mut c = n.connection().unwrap();
+                let (_, count): (String, i64) = redis::cmd("PUBSUB")
+                    .arg(sub)
+                    .arg(channel)
+                    .query(&mut c)
+                    .unwrap();
+                count
+            })
+            .collect()
+    };
+    (count("SHARDNUMSUB"), count("NUMSUB"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sharded_bus_carries_invalidations_on_one_shard_only() {
+    let cluster = RedisCluster::shared().unwrap();
+    let p = prefix("sharded");
+    let caches = [
+        sharded_instance(cluster, &p).await,
+        sharded_instance(cluster, &p).await,
+        sharded_instance(cluster, &p).await,
+    ];
+    let (sharded, plain) = subscribers(cluster, &format!("{p}bus"));
+    assert_eq!(sharded.iter().sum::<i64>(), 3, "{sharded:?}");
+    assert_eq!(
+        sharded.iter().filter(|&&n| n > 0).count(),
+        1,
+        "one node: {sharded:?}"
+    );
+    assert_eq!(plain.iter().sum::<i64>(), 0);
+    let mut gaps = Vec::new();
+    for round in 0..50u64 {
+        for c in &caches {
+            c.get_or_load(&round, || async {
+                Ok::<_, std::io::Error>(Some("old".to_string()))
+            })
+            .await
+            .unwrap();
+        }
+        let started = Instant::now();
+        caches[0].invalidate(&round).await.unwrap();
+        for c in &caches[1..] {
+            while c.get(&round).await.unwrap().is_some() {
+                assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
+                tokio::task::yield_now().await;
+            }
+        }
+        gaps.push(started.elapsed());
+    }
+    gaps.sort();
+    eprintln!(
+        "sharded bus, invalidation seen by 2 other instances: median {:?}, p90 {:?}, max {:?}",
+        gaps[25], gaps[45], gaps[49]
+    );
+    assert_eq!(caches[1].stats().invalidations_received, 50);
+    // A tag-free namespace generation travels the same way.
+    caches[2].invalidate_all().await.unwrap();
+    let started = Instant::now();
+    while caches[0].get(&1).await.unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::task::yield_now().await;
     }
 }

@@ -51,6 +51,23 @@ fn backend(e: &redis::RedisError) -> StoreError {
     StoreError::Backend(format!("{:?}: {e}", e.kind()))
 }
 
+/// Where the bus listens.
+enum Subscriber {
+    /// No bus.
+    None,
+    /// `SUBSCRIBE` on a dedicated connection to one server (on a cluster, any node: Redis
+    /// Cluster forwards `PUBLISH` to every node).
+    Channel(redis::Client),
+    /// `SSUBSCRIBE` through a RESP3 cluster connection, which follows the channel's slot.
+    Sharded(Box<redis::cluster::ClusterClient>),
+}
+
+impl Subscriber {
+    fn is_some(&self) -> bool {
+        !matches!(self, Self::None)
+    }
+}
+
 struct Inner<C> {
     conn: C,
     set_if: redis::Script,
@@ -58,7 +75,7 @@ struct Inner<C> {
     raise: redis::Script,
     channel: String,
     bus: broadcast::Sender<BusEvent>,
-    subscriber: Option<redis::Client>,
+    subscriber: Subscriber,
     /// Dropped with the store: stops the subscriber task.
     stop: watch::Sender<bool>,
     started: std::sync::Once,
@@ -77,7 +94,8 @@ impl<C> Drop for Inner<C> {
 ///
 /// Invalidations travel on the pub/sub channel `PREFIX` + `bus`, read through a dedicated
 /// subscriber connection from `subscriber` (for a cluster, a client of any one node: Redis
-/// Cluster forwards `PUBLISH` to every node). The subscriber reconnects by itself, and each
+/// Cluster forwards `PUBLISH` to every node; or sharded pub/sub with
+/// [`RedisCacheStore::sharded`], which follows the channel's slot through failovers). The subscriber reconnects by itself, and each
 /// connection is reported as [`BusEvent::Connected`], each loss as [`BusEvent::Lost`]. Clones share everything.
 ///
 /// ```no_run
@@ -117,6 +135,14 @@ where
     /// through (`None`: no bus; instances then learn of invalidations only through L2 and
     /// their L1 TTL). The caller's keys are already prefixed; `prefix` names the channel.
     pub fn new(conn: C, subscriber: Option<redis::Client>, prefix: &str) -> Self {
+        let subscriber = match subscriber {
+            Some(c) => Subscriber::Channel(c),
+            None => Subscriber::None,
+        };
+        Self::with_subscriber(conn, subscriber, prefix)
+    }
+
+    fn with_subscriber(conn: C, subscriber: Subscriber, prefix: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
                 conn,
@@ -137,9 +163,9 @@ where
     }
 
     fn start_subscriber(&self) {
-        let Some(client) = self.inner.subscriber.clone() else {
+        if !self.inner.subscriber.is_some() {
             return;
-        };
+        }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("no tokio runtime: the invalidation bus is not started");
             return;
@@ -147,7 +173,138 @@ where
         let bus = self.inner.bus.clone();
         let channel = self.inner.channel.clone();
         let stop = self.inner.stop.subscribe();
-        handle.spawn(subscriber_loop(client, channel, bus, stop));
+        match &self.inner.subscriber {
+            Subscriber::Channel(client) => {
+                handle.spawn(subscriber_loop(client.clone(), channel, bus, stop));
+            }
+            Subscriber::Sharded(client) => {
+                handle.spawn(sharded_loop((**client).clone(), channel, bus, stop));
+            }
+            Subscriber::None => {}
+        }
+    }
+}
+
+impl RedisCacheStore<redis::cluster_async::ClusterConnection> {
+    /// A store on Redis Cluster whose bus uses sharded pub/sub (`SPUBLISH` / `SSUBSCRIBE`,
+    /// Redis 7 or later): a message goes to the shard that owns the channel's slot instead
+    /// of being forwarded to every node of the cluster, which is what plain `PUBLISH` costs
+    /// on a large cluster.
+    ///
+    /// `nodes` are the cluster's addresses (URLs, with password or TLS as for
+    /// `redis::cluster::ClusterClient`); the bus opens its own RESP3 cluster connection on
+    /// them, which follows the channel's slot when it moves or its master fails over. Every
+    /// disconnection is reported as [`BusEvent::Lost`] and the (re)subscription as
+    /// [`BusEvent::Connected`], so caches clear their L1 as for the plain bus.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when `nodes` are not valid addresses (the text never holds
+    /// the addresses, which may carry passwords).
+    ///
+    /// ```no_run
+    /// use stanchion_tiered_cache::RedisCacheStore;
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = vec!["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"];
+    /// let conn = redis::cluster::ClusterClient::new(nodes.clone())?.get_async_connection().await?;
+    /// let store = RedisCacheStore::sharded(conn, nodes, "shop:")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn sharded<T: redis::IntoConnectionInfo>(
+        conn: redis::cluster_async::ClusterConnection,
+        nodes: impl IntoIterator<Item = T>,
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| {
+                StoreError::Backend(format!("invalid cluster node addresses ({:?})", e.kind()))
+            })?;
+        Ok(Self::with_subscriber(
+            conn,
+            Subscriber::Sharded(Box::new(client)),
+            prefix,
+        ))
+    }
+}
+
+/// The sharded bus: one RESP3 cluster connection subscribed with `SSUBSCRIBE`; pushes come
+/// through a channel. After any disconnection the subscription is renewed until a node
+/// confirms it (the renewal also makes the connection learn a new owner of the slot).
+async fn sharded_loop(
+    client: redis::cluster::ClusterClient,
+    channel: String,
+    bus: broadcast::Sender<BusEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+        let config = redis::cluster::ClusterConfig::new().set_push_sender(tx);
+        let connected = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut conn = client.get_async_connection_with_config(config).await?;
+            conn.ssubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(conn)
+        })
+        .await;
+        let mut conn = match connected {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %backend(&e), "invalidation bus cannot connect");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("invalidation bus connection timed out");
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let mut renew = false;
+        loop {
+            let tick = tokio::time::sleep(Duration::from_millis(100));
+            tokio::select! {
+                p = pushes.recv() => match p {
+                    Some(p) => match p.kind {
+                        redis::PushKind::SMessage => {
+                            if let Some(redis::Value::BulkString(m)) = p.data.into_iter().nth(1) {
+                                let _ = bus.send(BusEvent::Message(m));
+                            }
+                        }
+                        redis::PushKind::SSubscribe => {
+                            renew = false;
+                            let _ = bus.send(BusEvent::Connected);
+                        }
+                        redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe => {
+                            if !renew {
+                                tracing::warn!(cache.channel = %channel, "invalidation bus lost its connection");
+                                let _ = bus.send(BusEvent::Lost);
+                            }
+                            renew = true;
+                        }
+                        _ => {}
+                    },
+                    None => break,
+                },
+                _ = tick, if renew => {
+                    let again = tokio::time::timeout(Duration::from_secs(1), conn.ssubscribe(&channel)).await;
+                    if !matches!(again, Ok(Ok(()))) {
+                        tracing::debug!("invalidation bus: subscription not renewed yet");
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+        let _ = bus.send(BusEvent::Lost);
     }
 }
 
@@ -353,7 +510,11 @@ where
 
     async fn publish(&self, message: Vec<u8>) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        redis::cmd("PUBLISH")
+        let command = match self.inner.subscriber {
+            Subscriber::Sharded(_) => "SPUBLISH",
+            _ => "PUBLISH",
+        };
+        redis::cmd(command)
             .arg(&self.inner.channel)
             .arg(message)
             .query_async::<i64>(&mut conn)
