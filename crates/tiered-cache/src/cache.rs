@@ -38,8 +38,10 @@ macro_rules! count {
 /// the lookup began (an invalidation raced with the load).
 const STRIPES: usize = 64;
 
-/// A copy in process memory.
-#[derive(Debug)]
+/// A copy in process memory. moka clones it on every read: everything but the value is
+/// plain data (or an `Arc`), so a read costs the value's clone (use `Arc<T>` for large
+/// values) and no second pointer chase.
+#[derive(Debug, Clone)]
 struct L1Entry<V> {
     value: Option<V>,
     times: Times,
@@ -134,7 +136,7 @@ struct Inner<K, V, S, C> {
     store: S,
     codec: C,
     policy: Policy,
-    l1: Option<moka::sync::Cache<K, Arc<L1Entry<V>>>>,
+    l1: Option<moka::sync::Cache<K, L1Entry<V>>>,
     clock: Arc<dyn Clock>,
     skip: Arc<dyn SkipPolicy>,
     l2_timeout: Duration,
@@ -437,7 +439,7 @@ where
                     }
                     builder
                         .max_capacity(max)
-                        .weigher(move |k: &K, e: &Arc<L1Entry<V>>| {
+                        .weigher(move |k: &K, e: &L1Entry<V>| {
                             e.value.as_ref().map_or(1, |v| weigher(k, v).max(1))
                         })
                         .build()
@@ -562,7 +564,7 @@ struct Found<V> {
     /// Whether L2 answered (writes are skipped when it did not).
     l2_ok: bool,
     /// An expired value still within `max_stale`, served if the load fails.
-    fallback: Option<Arc<L1Entry<V>>>,
+    fallback: Option<L1Entry<V>>,
 }
 
 impl<K, V, S, C> TieredCache<K, V, S, C>
@@ -584,7 +586,7 @@ where
             && now < e.times.expires_at
         {
             count!(inner, l1_hits);
-            return Ok(e.value.clone());
+            return Ok(e.value);
         }
         count!(inner, l1_misses);
         if !inner.policy.tiers().l2() {
@@ -632,11 +634,7 @@ where
     /// The hit path, synchronous: a usable L1 copy (starting a refresh if one is due), or the
     /// loader back with the expired copy, if any.
     #[allow(clippy::type_complexity)]
-    fn l1_hit<F, Fut, E>(
-        &self,
-        key: &K,
-        loader: F,
-    ) -> Result<Option<V>, (F, Option<Arc<L1Entry<V>>>)>
+    fn l1_hit<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, (F, Option<L1Entry<V>>)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -664,7 +662,7 @@ where
             }
             self.spawn_refresh(key, loader);
         }
-        Ok(e.value.clone())
+        Ok(e.value)
     }
 
     /// The miss path: wait for this process's load of `key`, or lead it.
@@ -672,7 +670,7 @@ where
         &self,
         key: &K,
         loader: F,
-        mut fallback: Option<Arc<L1Entry<V>>>,
+        mut fallback: Option<L1Entry<V>>,
     ) -> Result<Option<V>, CacheError>
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -752,10 +750,7 @@ where
     /// [`CacheError::Store`] when some key misses L1 and L2 fails.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>, CacheError> {
         let (found, _) = self.inner.lookup_many(keys, true).await?;
-        Ok(found
-            .into_iter()
-            .map(|f| f.and_then(|e| e.value.clone()))
-            .collect())
+        Ok(found.into_iter().map(|f| f.and_then(|e| e.value)).collect())
     }
 
     /// Values of `keys`, in order, with one `loader` call for every key that missed both tiers.
@@ -882,7 +877,7 @@ where
             };
         }
         let entry = inner.l1_entry(Some(value), times, tags, now);
-        inner.l1_put(key, entry, inner.epoch(key));
+        inner.l1_put(key, &entry, inner.epoch(key));
         let sent = inner.publish(Body::Keys(vec![key.to_string()])).await;
         result.and(sent).map_err(CacheError::from)
     }
@@ -1194,8 +1189,8 @@ where
 
     /// Empties the slots of entries a tag invalidation made stale (or whose tags cannot be
     /// checked because L2 did not answer).
-    async fn drop_stale_tagged(&self, entries: &mut [Option<Arc<L1Entry<V>>>]) {
-        let tagged = |e: &Option<Arc<L1Entry<V>>>| e.as_ref().and_then(|e| e.tags.clone());
+    async fn drop_stale_tagged(&self, entries: &mut [Option<L1Entry<V>>]) {
+        let tagged = |e: &Option<L1Entry<V>>| e.as_ref().and_then(|e| e.tags.clone());
         let all: Vec<Arc<Tagged>> = entries.iter().filter_map(tagged).collect();
         if all.is_empty() {
             return;
@@ -1273,7 +1268,7 @@ where
             .cloned()
     }
 
-    fn l1_get(&self, key: &K, now: u64) -> Option<Arc<L1Entry<V>>> {
+    fn l1_get(&self, key: &K, now: u64) -> Option<L1Entry<V>> {
         let e = self.l1.as_ref()?.get(key)?;
         (e.generation == self.generation.load(Ordering::Acquire)
             && now < e.l1_until
@@ -1289,25 +1284,25 @@ where
         times: Times,
         tags: Option<Arc<Tagged>>,
         now: u64,
-    ) -> Arc<L1Entry<V>> {
+    ) -> L1Entry<V> {
         let l1_ms = self.policy.l1_ttl().as_millis() as u64;
         let keep = self.policy.stale_until(&times);
-        Arc::new(L1Entry {
+        L1Entry {
             value,
             times,
             generation: self.generation.load(Ordering::Acquire),
             l1_until: now.saturating_add(l1_ms).min(keep.max(now)),
             tags,
-        })
+        }
     }
 
     /// Puts a copy in L1 unless the key was invalidated since `epoch` was read.
-    fn l1_put(&self, key: &K, entry: Arc<L1Entry<V>>, epoch: u64) {
+    fn l1_put(&self, key: &K, entry: &L1Entry<V>, epoch: u64) {
         let Some(l1) = &self.l1 else { return };
         if self.epoch(key) != epoch {
             return;
         }
-        l1.insert(key.clone(), entry);
+        l1.insert(key.clone(), entry.clone());
         // An invalidation that landed between the check and the insert removes it again.
         if self.epoch(key) != epoch {
             l1.invalidate(key);
@@ -1402,9 +1397,8 @@ where
         match self.read_l2(&skey, now).await?.1 {
             Some(e) if now < e.times.expires_at => {
                 count!(self, l2_hits);
-                let value = e.value.clone();
-                self.l1_put(key, e, epoch);
-                Ok(value)
+                self.l1_put(key, &e, epoch);
+                Ok(e.value)
             }
             _ => {
                 count!(self, l2_misses);
@@ -1418,7 +1412,7 @@ where
         &self,
         skey: &String,
         now: u64,
-    ) -> Result<(Expect, Option<Arc<L1Entry<V>>>), StoreError> {
+    ) -> Result<(Expect, Option<L1Entry<V>>), StoreError> {
         let mut got = self
             .l2(self.store.get_many(std::slice::from_ref(skey)))
             .await?;
@@ -1432,7 +1426,7 @@ where
     /// What L2 held for a key: the condition a write-back must meet (the key still absent,
     /// or still holding the entry read here), and the entry if it is a readable value or
     /// "not found".
-    fn read(&self, bytes: Option<Vec<u8>>, now: u64) -> (Expect, Option<Arc<L1Entry<V>>>) {
+    fn read(&self, bytes: Option<Vec<u8>>, now: u64) -> (Expect, Option<L1Entry<V>>) {
         match bytes {
             None => (Expect::Absent, None),
             Some(b) => (
@@ -1443,7 +1437,7 @@ where
     }
 
     /// Decodes an L2 entry; a corrupt one is counted and reported as a miss.
-    fn decode_entry(&self, bytes: &[u8], now: u64) -> Option<Arc<L1Entry<V>>> {
+    fn decode_entry(&self, bytes: &[u8], now: u64) -> Option<L1Entry<V>> {
         let raw = match entry::decode(bytes, self.max_value_bytes) {
             Ok(raw) => raw,
             Err(e) => {
@@ -1475,9 +1469,9 @@ where
         &self,
         keys: &[K],
         stale_ok: bool,
-    ) -> Result<(Vec<Option<Arc<L1Entry<V>>>>, Vec<Option<Expect>>), CacheError> {
+    ) -> Result<(Vec<Option<L1Entry<V>>>, Vec<Option<Expect>>), CacheError> {
         let now = self.clock.now_ms();
-        let mut found: Vec<Option<Arc<L1Entry<V>>>> = Vec::with_capacity(keys.len());
+        let mut found: Vec<Option<L1Entry<V>>> = Vec::with_capacity(keys.len());
         let mut expects = vec![None; keys.len()];
         let usable =
             |e: &L1Entry<V>| now < e.times.expires_at && (stale_ok || now < e.times.fresh_until);
@@ -1514,7 +1508,7 @@ where
             match entry {
                 Some(e) if usable(&e) => {
                     count!(self, l2_hits);
-                    self.l1_put(&keys[i], Arc::clone(&e), epochs[n]);
+                    self.l1_put(&keys[i], &e, epochs[n]);
                     found[i] = Some(e);
                 }
                 _ => count!(self, l2_misses),
@@ -1530,7 +1524,7 @@ where
         &self,
         key: &K,
         loader: F,
-        fallback: Option<Arc<L1Entry<V>>>,
+        fallback: Option<L1Entry<V>>,
         refresh: bool,
     ) -> (Shared<V>, Option<F>)
     where
@@ -1556,11 +1550,11 @@ where
                     let fresh = now < e.times.fresh_until;
                     if now < e.times.expires_at && (fresh || !refresh) {
                         count!(self, l2_hits);
-                        self.l1_put(key, Arc::clone(&e), epoch);
+                        self.l1_put(key, &e, epoch);
                         if !fresh {
                             count!(self, stale_served);
                         }
-                        return (Ok(e.value.clone()), (!fresh).then_some(loader));
+                        return (Ok(e.value), (!fresh).then_some(loader));
                     }
                     if found
                         .fallback
@@ -1634,8 +1628,8 @@ where
                             && now < e.times.expires_at
                         {
                             count!(self, l2_hits);
-                            self.l1_put(key, Arc::clone(&e), epoch);
-                            return Ok(e.value.clone());
+                            self.l1_put(key, &e, epoch);
+                            return Ok(e.value);
                         }
                     }
                     if waiter.failed.load(Ordering::Acquire) {
@@ -1784,7 +1778,7 @@ where
         }
         if !refused {
             let entry = self.l1_entry(value, times, tags, now);
-            self.l1_put(key, entry, epoch);
+            self.l1_put(key, &entry, epoch);
         }
     }
 

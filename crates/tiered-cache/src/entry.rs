@@ -48,14 +48,15 @@ pub(crate) struct Tagged {
     pub(crate) names: Vec<String>,
 }
 
-/// A decoded header and the (decompressed) payload.
+/// A decoded header and the payload (borrowed from the stored bytes unless it was
+/// compressed).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Raw {
+pub(crate) struct Raw<'a> {
     pub(crate) kind: Kind,
     pub(crate) stamp: u64,
     pub(crate) times: Times,
     pub(crate) tags: Option<Tagged>,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: std::borrow::Cow<'a, [u8]>,
 }
 
 /// Encodes an entry. The payload is compressed when it is at least `compress_above` bytes and
@@ -153,7 +154,7 @@ fn u64_at(bytes: &[u8], at: usize) -> Result<u64, CodecError> {
 }
 
 /// Decodes an entry, refusing payloads that would decompress to more than `max_bytes`.
-pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> {
+pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw<'_>, CodecError> {
     if bytes.len() < HEADER {
         return Err(CodecError::Decode(format!(
             "entry of {} bytes is shorter than its header",
@@ -189,7 +190,7 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
         (None, &bytes[HEADER..])
     };
     let payload = match bytes[2] {
-        0 => body.to_vec(),
+        0 => std::borrow::Cow::Borrowed(body),
         LZ4 => {
             let size = body
                 .get(..4)
@@ -210,7 +211,7 @@ pub(crate) fn decode(bytes: &[u8], max_bytes: usize) -> Result<Raw, CodecError> 
                     out.len()
                 )));
             }
-            out
+            std::borrow::Cow::Owned(out)
         }
         f => return Err(CodecError::Decode(format!("unknown entry flags {f}"))),
     };
@@ -266,8 +267,8 @@ mod tests {
             assert_eq!(raw.tags, Some(tags()));
             assert_eq!(raw.payload, payload);
         }
-        let untagged = decode(&encode(Kind::Absent, 1, times(), None, &[], None), 64).unwrap();
-        assert_eq!(untagged.tags, None);
+        let absent = encode(Kind::Absent, 1, times(), None, &[], None);
+        assert_eq!(decode(&absent, 64).unwrap().tags, None);
     }
 
     #[test]

@@ -39,6 +39,7 @@ async fn every_public_future_is_send() {
         assert_send(cc.invalidate(&3)).await.unwrap();
         assert_send(cc.invalidate_many(&[1, 2])).await.unwrap();
         assert_send(cc.invalidate_all()).await.unwrap();
+        assert_send(cc.invalidate_tag("category:7")).await.unwrap();
         assert_send(cc.warm(vec![5, 6], 2, |k: u64| async move {
             Ok::<_, std::io::Error>(Some(k.to_string()))
         }))
