@@ -1,13 +1,14 @@
 //! stanchion-tiered-cache next to its anchors, in one run: a bare moka `get` (L1 hit), a bare
 //! Redis GET plus postcard decode (L2 hit), a bare MGET of 100 keys plus decode (`get_many`);
-//! and the memory an L1 entry costs beyond moka's own, printed before the timings.
+//! and the memory an L1 entry costs beyond moka's own, printed before the timings. The Redis
+//! rows alternate with their anchor call by call (only their own calls timed).
 //!
 //! `cargo bench -p stanchion-benches --bench tiered_cache && scripts/bench-report`
 
 use std::alloc::System;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
@@ -129,28 +130,47 @@ fn l2(c: &mut Criterion) {
         }
         (conn, ours)
     });
+    // Each timed call is preceded by an untimed call of the other side (the anchor before
+    // ours, ours before the anchor), so both sides run under the same conditions: on this
+    // two-core machine, separate runs of a Redis round trip drift by a quarter.
+    let bare_get = |k: u64| {
+        let mut conn = conn.clone();
+        async move {
+            let bytes: Vec<u8> = redis::cmd("GET")
+                .arg(format!("bare:{k}"))
+                .query_async(&mut conn)
+                .await
+                .expect("get");
+            black_box(postcard::from_bytes::<Product>(&bytes).expect("decode"))
+        }
+    };
+    let ours_get = |k: u64| {
+        let ours = &ours;
+        async move { black_box(ours.get(&k).await.expect("get")) }
+    };
     let mut g = c.benchmark_group("tiered_cache_l2_hit");
-    let mut k = 0;
     g.bench_function("bare_get_decode", |b| {
-        b.to_async(&rt).iter(|| {
-            k = (k + 1) % KEYS;
-            let mut conn = conn.clone();
-            async move {
-                let bytes: Vec<u8> = redis::cmd("GET")
-                    .arg(format!("bare:{k}"))
-                    .query_async(&mut conn)
-                    .await
-                    .expect("get");
-                black_box(postcard::from_bytes::<Product>(&bytes).expect("decode"))
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut timed = Duration::ZERO;
+            for i in 0..iters {
+                ours_get(i % KEYS).await;
+                let start = Instant::now();
+                bare_get(i % KEYS).await;
+                timed += start.elapsed();
             }
+            timed
         })
     });
-    let mut k = 0;
     g.bench_function("stanchion_get", |b| {
-        b.to_async(&rt).iter(|| {
-            k = (k + 1) % KEYS;
-            let ours = &ours;
-            async move { black_box(ours.get(&k).await.expect("get")) }
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut timed = Duration::ZERO;
+            for i in 0..iters {
+                bare_get(i % KEYS).await;
+                let start = Instant::now();
+                ours_get(i % KEYS).await;
+                timed += start.elapsed();
+            }
+            timed
         })
     });
     g.finish();
@@ -158,29 +178,49 @@ fn l2(c: &mut Criterion) {
     let mut g = c.benchmark_group("tiered_cache_get_many_100");
     let keys: Vec<u64> = (0..100).collect();
     let bare: Vec<String> = keys.iter().map(|k| format!("bare:{k}")).collect();
+    let bare_mget = || {
+        let mut conn = conn.clone();
+        let bare = &bare;
+        async move {
+            let all: Vec<Vec<u8>> = redis::cmd("MGET")
+                .arg(bare)
+                .query_async(&mut conn)
+                .await
+                .expect("mget");
+            let decoded: Vec<Product> = all
+                .iter()
+                .map(|b| postcard::from_bytes(b).expect("decode"))
+                .collect();
+            black_box(decoded)
+        }
+    };
+    let ours_many = || {
+        let ours = &ours;
+        let keys = &keys;
+        async move { black_box(ours.get_many(keys).await.expect("get_many")) }
+    };
     g.bench_function("bare_mget_decode", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut conn = conn.clone();
-            let bare = &bare;
-            async move {
-                let all: Vec<Vec<u8>> = redis::cmd("MGET")
-                    .arg(bare)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("mget");
-                let decoded: Vec<Product> = all
-                    .iter()
-                    .map(|b| postcard::from_bytes(b).expect("decode"))
-                    .collect();
-                black_box(decoded)
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                ours_many().await;
+                let start = Instant::now();
+                bare_mget().await;
+                timed += start.elapsed();
             }
+            timed
         })
     });
     g.bench_function("stanchion_get_many", |b| {
-        b.to_async(&rt).iter(|| {
-            let ours = &ours;
-            let keys = &keys;
-            async move { black_box(ours.get_many(keys).await.expect("get_many")) }
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                bare_mget().await;
+                let start = Instant::now();
+                ours_many().await;
+                timed += start.elapsed();
+            }
+            timed
         })
     });
     g.finish();

@@ -1332,6 +1332,21 @@ where
     /// The L2 key of `key` in the current generation (read from L2 when not yet known, with
     /// the tag clock when this cache tags its values).
     async fn store_key(&self, key: &K) -> Result<String, StoreError> {
+        let base = self.store_key_base().await?;
+        Ok(Self::with_key(&base, key))
+    }
+
+    /// `base` followed by `key`.
+    fn with_key(base: &str, key: &K) -> String {
+        use std::fmt::Write;
+        let mut s = String::with_capacity(base.len() + 24);
+        s.push_str(base);
+        let _ = write!(s, "{key}");
+        s
+    }
+
+    /// The L2 keys of the current generation start with this.
+    async fn store_key_base(&self) -> Result<String, StoreError> {
         let clock = self.tagger.is_some() && !self.tags.clock_known.load(Ordering::Acquire);
         if clock {
             let (gkey, ckey) = (self.generation_key(), self.tag_clock_key());
@@ -1347,7 +1362,7 @@ where
             self.set_generation(g);
         }
         let g = self.generation.load(Ordering::Acquire);
-        Ok(format!("{}{}:{g}:{key}", self.prefix, self.namespace))
+        Ok(format!("{}{}:{g}:", self.prefix, self.namespace))
     }
 
     fn lease_key(&self, skey: &str) -> String {
@@ -1492,26 +1507,29 @@ where
             return Ok((found, expects));
         }
         let epochs: Vec<u64> = missing.iter().map(|&i| self.epoch(&keys[i])).collect();
-        let mut skeys = Vec::with_capacity(missing.len());
-        for &i in &missing {
-            skeys.push(self.store_key(&keys[i]).await?);
-        }
+        let base = self.store_key_base().await?;
+        let skeys: Vec<String> = missing
+            .iter()
+            .map(|&i| Self::with_key(&base, &keys[i]))
+            .collect();
         let values = self.l2(self.store.get_many(&skeys)).await?;
-        let mut entries = Vec::with_capacity(missing.len());
         for (&i, bytes) in missing.iter().zip(values) {
             let (expect, entry) = self.read(bytes, now);
             expects[i] = Some(expect);
-            entries.push(entry);
+            found[i] = entry;
         }
-        self.drop_stale_tagged(&mut entries).await;
-        for (n, (&i, entry)) in missing.iter().zip(entries).enumerate() {
-            match entry {
-                Some(e) if usable(&e) => {
+        // (The L1 hits among them were checked as they were read, and pass again.)
+        self.drop_stale_tagged(&mut found).await;
+        for (n, &i) in missing.iter().enumerate() {
+            match &found[i] {
+                Some(e) if usable(e) => {
                     count!(self, l2_hits);
-                    self.l1_put(&keys[i], &e, epochs[n]);
-                    found[i] = Some(e);
+                    self.l1_put(&keys[i], e, epochs[n]);
                 }
-                _ => count!(self, l2_misses),
+                _ => {
+                    count!(self, l2_misses);
+                    found[i] = None;
+                }
             }
         }
         Ok((found, expects))
