@@ -101,6 +101,13 @@ impl Statements {
         } else {
             format!("DELETE FROM {ns}.outbox")
         };
+        // A relay's fair share: the lanes over the relays holding lanes now, itself included,
+        // rounded up.
+        let lanes = config.lanes();
+        let share = format!(
+            "SELECT ({lanes} + count(DISTINCT o.owner)) / (1 + count(DISTINCT o.owner)) \
+             FROM {ns}.outbox_lanes o WHERE o.lease_until >= clock_timestamp() AND o.owner <> $1"
+        );
         let s = |t: String| -> Arc<str> { t.into() };
         Self {
             insert: s(format!(
@@ -119,7 +126,7 @@ impl Statements {
                  WHERE l.lane IN (SELECT c.lane FROM {ns}.outbox_lanes c \
                    WHERE c.lease_until < clock_timestamp() \
                    AND EXISTS (SELECT 1 FROM {ns}.outbox WHERE {ns}.outbox.lane = c.lane AND {pending}) \
-                   ORDER BY c.lease_until, c.lane LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                   ORDER BY c.lease_until, c.lane LIMIT LEAST($3, ({share})) FOR UPDATE SKIP LOCKED) \
                  RETURNING l.lane, l.token"
             )),
             pending: s(format!(

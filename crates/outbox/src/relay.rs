@@ -12,6 +12,9 @@ use tokio::task::JoinHandle;
 use crate::error::{BuildError, PublishError, RelayError, StoreError};
 use crate::event::{Message, MessageId};
 use crate::publish::Publisher;
+
+/// No cap on the lanes a turn beyond the fair share (the most lanes an outbox can have).
+const DEFAULT_LANES_PER_TURN: usize = 65_536;
 use crate::store::{Failure, LaneClaim, Next, OutboxStore, Pending};
 
 /// Publishes an outbox's events through a [`Publisher`].
@@ -82,8 +85,8 @@ impl<S, P> fmt::Debug for RelayBuilder<S, P> {
 }
 
 impl<S: OutboxStore, P: Publisher> Relay<S, P> {
-    /// A builder with the defaults: batches of 100, 16 lanes a turn in 4 concurrent groups, 10
-    /// batches per turn,
+    /// A builder with the defaults: batches of 100, a fair share of the lanes a turn in 4
+    /// concurrent groups, 10 batches per turn,
     /// a 30 s lease, polling every 500 ms besides wake-ups, a 5 s publish timeout, 10 attempts,
     /// retries from 100 ms doubling to 60 s, broker outages retried up to every 5 s.
     pub fn builder(store: S, publisher: P) -> RelayBuilder<S, P> {
@@ -93,7 +96,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
             s: Settings {
                 name: format!("relay-{:016x}", fastrand::u64(..)),
                 batch_size: 100,
-                lanes_per_turn: 16,
+                lanes_per_turn: DEFAULT_LANES_PER_TURN,
                 concurrency: 4,
                 batches_per_lane: 10,
                 lease: Duration::from_secs(30),
@@ -119,8 +122,10 @@ impl<S: OutboxStore, P: Publisher> RelayBuilder<S, P> {
         self.s.batch_size = n;
         self
     }
-    /// Lanes claimed per turn, read and recorded together (a quarter of the lanes by default,
-    /// so four relays can work at once).
+    /// Most lanes claimed per turn, read and recorded together (default: no cap). A relay
+    /// claims at most its fair share: the lanes divided by the relays holding lanes at that
+    /// moment (itself included), rounded up. A relay alone takes every lane with events (fewer,
+    /// larger batches); one that finds three others working takes a quarter.
     pub fn lanes_per_turn(mut self, n: usize) -> Self {
         self.s.lanes_per_turn = n;
         self

@@ -100,6 +100,12 @@ impl Statements {
     fn new(config: &OutboxConfig) -> Self {
         let ns = config.namespace();
         let pending = "published_us IS NULL AND dead_us IS NULL";
+        // A relay's fair share, as on PostgreSQL.
+        let lanes = config.lanes();
+        let share = format!(
+            "SELECT ({lanes} + count(DISTINCT o.owner)) / (1 + count(DISTINCT o.owner)) \
+             FROM {ns}_outbox_lanes o WHERE o.lease_until_us >= ?2 AND o.owner <> ?1"
+        );
         let s = |t: String| -> Arc<str> { t.into() };
         Self {
             insert: s(format!(
@@ -111,7 +117,7 @@ impl Statements {
                 "UPDATE {ns}_outbox_lanes SET owner = ?1, token = token + 1, lease_until_us = ?2 + ?3 \
                  WHERE lane IN (SELECT c.lane FROM {ns}_outbox_lanes c WHERE c.lease_until_us < ?2 \
                    AND EXISTS (SELECT 1 FROM {ns}_outbox o WHERE o.lane = c.lane AND o.{pending}) \
-                   ORDER BY c.lease_until_us, c.lane LIMIT ?4) \
+                   ORDER BY c.lease_until_us, c.lane LIMIT min(?4, ({share}))) \
                  RETURNING lane, token"
             )),
             pending: s(format!(

@@ -415,3 +415,52 @@ pub async fn lanes_waiting_for_a_retry_do_not_starve_the_others<D: Db>(db: D) {
     );
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Relays claim a fair share of the lanes: a relay alone takes every lane with events, one
+/// that finds others holding lanes takes the lanes over the relays, rounded up. (Needs an
+/// outbox of 12 lanes.)
+pub async fn relays_claim_a_fair_share_of_the_lanes<D: Db>(db: D) {
+    let config = stanchion_outbox::OutboxConfig::builder()
+        .lanes(12)
+        .build()
+        .unwrap();
+    let events: Vec<Event> = (0..12)
+        .map(|lane| {
+            let key = (0..)
+                .map(|i| format!("key{i}"))
+                .find(|k| config.lane_of(k) == lane)
+                .unwrap();
+            ev(&key, lane as usize)
+        })
+        .collect();
+    db.enqueue(events, true, true).await;
+    let store = db.store();
+    let lease = Duration::from_secs(30);
+    let claim = |owner: &'static str, max: usize| {
+        let store = store.clone();
+        async move { store.claim_lanes(owner, max, lease).await.unwrap() }
+    };
+    let alone = claim("a", 1_000).await;
+    assert_eq!(alone.len(), 12, "a relay alone takes every lane");
+    store.release(&alone).await.unwrap();
+    let b = claim("b", 2).await;
+    assert_eq!(b.len(), 2, "the cap holds");
+    let a = claim("a", 1_000).await;
+    assert_eq!(a.len(), 6, "b holds lanes: a takes 12 / 2");
+    let c = claim("c", 1_000).await;
+    assert_eq!(c.len(), 4, "a and b hold lanes: c takes 12 / 3");
+    let d = claim("d", 1_000).await;
+    assert_eq!(d.len(), 0, "nothing left");
+    store.release(&a).await.unwrap();
+    let d = claim("d", 1_000).await;
+    assert_eq!(
+        d.len(),
+        4,
+        "b and c hold lanes: d takes 12 / 3 of the 6 free"
+    );
+    // Claims never overlap.
+    let mut all: Vec<u32> = b.iter().chain(&c).chain(&d).map(|l| l.lane).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 10);
+}
