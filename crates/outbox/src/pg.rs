@@ -137,9 +137,12 @@ impl Statements {
                  FROM {ns}.outbox WHERE lane = ANY($1) AND {pending} AND id > $2 ORDER BY id LIMIT $3"
             )),
             publish: s(format!(
-                "WITH held AS (UPDATE {ns}.outbox_lanes l SET lease_until = clock_timestamp() + make_interval(secs => $3) \
+                "WITH renewed AS (UPDATE {ns}.outbox_lanes l SET lease_until = clock_timestamp() + make_interval(secs => $3) \
                    FROM unnest($1::int4[], $2::int8[]) AS c(lane, token) \
-                   WHERE l.lane = c.lane AND l.token = c.token RETURNING l.lane), \
+                   WHERE $7 AND l.lane = c.lane AND l.token = c.token RETURNING l.lane), \
+                 held AS (SELECT lane FROM renewed UNION ALL \
+                   SELECT l.lane FROM {ns}.outbox_lanes l, unnest($1::int4[], $2::int8[]) AS c(lane, token) \
+                   WHERE NOT $7 AND l.lane = c.lane AND l.token = c.token), \
                  done AS ({done} \
                    WHERE id = ANY($4) AND {pending} AND lane IN (SELECT lane FROM held) RETURNING 1) \
                  SELECT h.held, p.* FROM (SELECT coalesce(array_agg(lane), '{{}}') AS held FROM held) h \
@@ -481,7 +484,7 @@ impl OutboxStore for PgOutbox {
         &self,
         claims: &[LaneClaim],
         ids: &[MessageId],
-        lease: Duration,
+        lease: Option<Duration>,
         next: Option<Next>,
     ) -> Result<Marked, StoreError> {
         let lanes: Vec<i32> = claims.iter().map(|c| c.lane as i32).collect();
@@ -492,10 +495,11 @@ impl OutboxStore for PgOutbox {
         let rows = sqlx::query(q(&self.sql.publish))
             .bind(lanes)
             .bind(tokens)
-            .bind(lease.as_secs_f64())
+            .bind(lease.unwrap_or_default().as_secs_f64())
             .bind(ids)
             .bind(after)
             .bind(limit)
+            .bind(lease.is_some())
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::Database)?;

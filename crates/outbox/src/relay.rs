@@ -560,6 +560,7 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
     }
 
     async fn turn(&self, stop: &watch::Receiver<bool>) -> Result<Outcome, StoreError> {
+        let claimed = Instant::now();
         let claims = self
             .store
             .claim_lanes(&self.s.name, self.s.lanes_per_turn, self.s.lease)
@@ -572,8 +573,10 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
         // than 1 on two cores).
         let per = claims.len().div_ceil(self.s.concurrency).max(1);
         let groups: Vec<Vec<LaneClaim>> = claims.chunks(per).map(<[LaneClaim]>::to_vec).collect();
-        let results =
-            futures_util::future::join_all(groups.into_iter().map(|g| self.lanes(g, stop))).await;
+        let results = futures_util::future::join_all(
+            groups.into_iter().map(|g| self.lanes(g, claimed, stop)),
+        )
+        .await;
         let mut result: Result<Outcome, StoreError> = Ok(Outcome::Idle);
         for r in results {
             result = match (result, r) {
@@ -594,6 +597,7 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
     async fn lanes(
         &self,
         mut claims: Vec<LaneClaim>,
+        claimed: Instant,
         stop: &watch::Receiver<bool>,
     ) -> Result<Outcome, StoreError> {
         let mut blocked: HashSet<String> = HashSet::new();
@@ -672,9 +676,13 @@ impl<S: OutboxStore, P: Publisher> Inner<S, P> {
                     after: last,
                     limit: self.s.batch_size,
                 });
+                // Leases are renewed once a quarter of them has passed (measured from before
+                // the claim was sent, so never late); before, a mark only checks them, and
+                // writes no lane row.
+                let renew = (claimed.elapsed() >= self.s.lease / 4).then_some(self.s.lease);
                 let marked = self
                     .store
-                    .mark_published(&claims, &ids, self.s.lease, next)
+                    .mark_published(&claims, &ids, renew, next)
                     .await?;
                 let since_fetch = fetched.elapsed().as_micros() as u64;
                 let mut count = 0u64;

@@ -480,17 +480,19 @@ impl OutboxStore for SqliteOutbox {
         &self,
         claims: &[LaneClaim],
         ids: &[MessageId],
-        lease: Duration,
+        lease: Option<Duration>,
         next: Option<Next>,
     ) -> Result<Marked, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::Database)?;
         let now = now_us();
         let mut held = Vec::with_capacity(claims.len());
+        // Without a renewal the lease stays where it is (`max` keeps the later time).
+        let until = lease.map_or(0, |l| now.saturating_add(us(l)));
         for c in claims {
             let n = sqlx::query(q(&self.sql.renew))
                 .bind(i64::from(c.lane))
                 .bind(c.token)
-                .bind(now.saturating_add(us(lease)))
+                .bind(until)
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::Database)?

@@ -124,15 +124,17 @@ pub trait OutboxStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Pending>, StoreError>> + Send;
 
-    /// Marks events published and renews the leases, in one statement; with `next`, the same
-    /// statement also reads the following batch (pending events of the lanes still held, after
-    /// `next.after`), so a busy relay makes one round trip per batch. Events of lanes whose lease
-    /// was lost are not marked.
+    /// Marks events published and, with `lease`, renews the leases for that long, in one
+    /// statement (`None`: the leases are checked, not renewed; the relay claimed them moments
+    /// ago, and a check writes nothing); with `next`, the same statement also reads the
+    /// following batch (pending events of the lanes still held, after `next.after`), so a busy
+    /// relay makes one round trip per batch. Events of lanes whose lease was lost are not
+    /// marked.
     fn mark_published(
         &self,
         claims: &[LaneClaim],
         ids: &[MessageId],
-        lease: Duration,
+        lease: Option<Duration>,
         next: Option<Next>,
     ) -> impl Future<Output = Result<Marked, StoreError>> + Send;
 

@@ -121,6 +121,11 @@ async fn with_published_rows_deleted_delivery_and_dead_letters_are_the_same() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_turn_keeps_its_lanes() {
+    support::a_long_turn_keeps_its_lanes(Pg::new(1).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_claim_a_fair_share_of_the_lanes() {
     support::relays_claim_a_fair_share_of_the_lanes(Pg::new(12).await).await;
 }

@@ -464,3 +464,63 @@ pub async fn relays_claim_a_fair_share_of_the_lanes<D: Db>(db: D) {
     all.dedup();
     assert_eq!(all.len(), 10);
 }
+
+/// A publisher that takes `delay` per batch.
+#[derive(Clone)]
+pub struct Slow<P> {
+    pub inner: P,
+    pub delay: Duration,
+}
+
+impl<P: Publisher + Clone> Publisher for Slow<P> {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<(), PublishError>> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.publish(batch).await
+    }
+}
+
+/// A turn that lasts several leases keeps its lane (the relay renews as it goes): a second
+/// relay polling all along never takes the lane, and nothing is published twice. (Needs an
+/// outbox of 1 lane.)
+pub async fn a_long_turn_keeps_its_lanes<D: Db>(db: D) {
+    // Ten keys: a batch of 10 is one publish call of 10.
+    let events: Vec<Event> = (0..240).map(|n| ev(&format!("k{}", n % 10), n)).collect();
+    let ids = db.enqueue(events, true, true).await;
+    let (publisher, rx) = ChannelPublisher::new(4096);
+    let seen = Collected::spawn(rx);
+    let relay = |poll: Duration| {
+        Relay::builder(
+            db.store(),
+            Slow {
+                inner: publisher.clone(),
+                delay: Duration::from_millis(25),
+            },
+        )
+        .batch_size(10)
+        .batches_per_lane(100)
+        .concurrency(1)
+        .lease(Duration::from_millis(300))
+        .publish_timeout(Duration::from_millis(150))
+        .poll_interval(poll)
+        .build()
+        .unwrap()
+    };
+    let first = relay(Duration::from_millis(20)).start().await.unwrap();
+    // The first relay's turn is under way (24 batches of 25 ms: about two leases).
+    let start = Instant::now();
+    while first.stats().published == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = relay(Duration::from_millis(10)).start().await.unwrap();
+    seen.wait_for(&ids, Duration::from_secs(20)).await;
+    let duplicates = check_delivery(&ids, &seen.snapshot());
+    let (a, b) = (first.stats(), second.stats());
+    assert_eq!(duplicates, 0, "first {a:?}, second {b:?}");
+    assert_eq!(
+        b.published, 0,
+        "the second relay never held the lane: {b:?}"
+    );
+    first.shutdown(Duration::from_secs(5)).await.unwrap();
+    second.shutdown(Duration::from_secs(5)).await.unwrap();
+}
