@@ -653,9 +653,11 @@ where
         count!(inner, l1_hits);
         let stale = now >= e.times.fresh_until;
         if stale
-            || inner
-                .policy
-                .refresh_early(&e.times, now, 1.0 - fastrand::f64())
+            || inner.policy.early_refresh().is_some_and(|_| {
+                inner
+                    .policy
+                    .refresh_early(&e.times, now, 1.0 - fastrand::f64())
+            })
         {
             if stale {
                 count!(inner, stale_served);
