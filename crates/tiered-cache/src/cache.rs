@@ -34,6 +34,16 @@ macro_rules! count {
     }};
 }
 
+/// Adds `n` to a counter (and its `metrics` twin) at once.
+macro_rules! count_n {
+    ($inner:expr, $field:ident, $n:expr) => {{
+        let n: u64 = $n;
+        add(&$inner.stats.$field, n);
+        #[cfg(feature = "metrics")]
+        crate::stats::emit_n(&$inner.labels, concat!("cache.", stringify!($field)), n);
+    }};
+}
+
 /// Stripes of invalidation epochs: an L1 insert is skipped when its key's stripe moved since
 /// the lookup began (an invalidation raced with the load).
 const STRIPES: usize = 64;
@@ -1492,19 +1502,13 @@ where
         let mut expects = vec![None; keys.len()];
         let usable =
             |e: &L1Entry<V>| now < e.times.expires_at && (stale_ok || now < e.times.fresh_until);
-        for k in keys {
-            match self.l1_get(k, now).filter(|e| usable(e)) {
-                Some(e) => {
-                    count!(self, l1_hits);
-                    found.push(Some(e));
-                }
-                None => {
-                    count!(self, l1_misses);
-                    found.push(None);
-                }
-            }
-        }
+        found.extend(
+            keys.iter()
+                .map(|k| self.l1_get(k, now).filter(|e| usable(e))),
+        );
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        count_n!(self, l1_hits, (keys.len() - missing.len()) as u64);
+        count_n!(self, l1_misses, missing.len() as u64);
         if missing.is_empty() || !self.policy.tiers().l2() {
             return Ok((found, expects));
         }
@@ -1522,18 +1526,18 @@ where
         }
         // (The L1 hits among them were checked as they were read, and pass again.)
         self.drop_stale_tagged(&mut found).await;
+        let mut hits = 0;
         for (n, &i) in missing.iter().enumerate() {
             match &found[i] {
                 Some(e) if usable(e) => {
-                    count!(self, l2_hits);
+                    hits += 1;
                     self.l1_put(&keys[i], e, epochs[n]);
                 }
-                _ => {
-                    count!(self, l2_misses);
-                    found[i] = None;
-                }
+                _ => found[i] = None,
             }
         }
+        count_n!(self, l2_hits, hits);
+        count_n!(self, l2_misses, missing.len() as u64 - hits);
         Ok((found, expects))
     }
 

@@ -83,5 +83,13 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
 /// Under the `metrics` feature: the counter `cache.<field>` labelled with `cache.namespace`.
 #[cfg(feature = "metrics")]
 pub(crate) fn emit(labels: &[metrics::Label], name: &'static str) {
-    metrics::counter!(name, labels.iter()).increment(1);
+    emit_n(labels, name, 1);
+}
+
+/// [`emit`] by `n`.
+#[cfg(feature = "metrics")]
+pub(crate) fn emit_n(labels: &[metrics::Label], name: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!(name, labels.iter()).increment(n);
+    }
 }
