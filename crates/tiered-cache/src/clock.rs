@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// A time source in milliseconds since the Unix epoch. Entries in L2 carry absolute times in
 /// these units, so instances sharing a Redis must have clocks that agree (NTP-synchronised
@@ -20,10 +20,12 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     fn now_ms(&self) -> u64;
 }
 
-/// The system clock (the default), read cheaply: the time-stamp counter (through `quanta`)
-/// plus an offset to the wall clock that is re-read from the system once a second, so a
-/// stepped system clock is followed within a second. `SystemTime::now()` measured 48 ns a
-/// read on our machine, a large share of an L1 hit.
+/// The system clock (the default), read cheaply. On Linux: the kernel's coarse real-time
+/// clock (`CLOCK_REALTIME_COARSE`, a vDSO read: 6 ns here against 14 to 25 ns for a precise
+/// clock read, a large share of an L1 hit), which advances once per kernel tick (1 to 10 ms,
+/// 4 ms on common kernels), so deadlines are judged to within a tick. Elsewhere: the
+/// time-stamp counter (through `quanta`) plus an offset to the wall clock that is re-read from
+/// the system once a second, so a stepped system clock is followed within a second.
 ///
 /// ```
 /// use stanchion_tiered_cache::{Clock, SystemClock};
@@ -33,13 +35,24 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
+#[cfg(not(target_os = "linux"))]
 fn system_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Clock for SystemClock {
+    #[cfg(target_os = "linux")]
+    #[inline]
+    fn now_ms(&self) -> u64 {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+        let ms = u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000_000;
+        secs.saturating_mul(1_000).saturating_add(ms)
+    }
+
+    #[cfg(not(target_os = "linux"))]
     #[inline]
     fn now_ms(&self) -> u64 {
         static ORIGIN: std::sync::OnceLock<quanta::Instant> = std::sync::OnceLock::new();

@@ -286,3 +286,23 @@ async fn write_through_values_are_current_and_a_later_tag_invalidation_drops_the
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raise_keeps_the_larger_counter_exactly_past_two_to_the_53() {
+    let server = RedisServer::shared().unwrap();
+    let p = prefix("raise");
+    let redis = RedisCacheStore::new(manager(&server.url()).await, None, &p);
+    let memory = MemoryCacheStore::new();
+    let big = (1u64 << 60) + 1;
+    for key in [format!("{p}c"), format!("{p}d")] {
+        assert_eq!(redis.raise(&key, 7).await.unwrap(), 7, "absent counts as 0");
+        assert_eq!(redis.raise(&key, 5).await.unwrap(), 7);
+        assert_eq!(redis.raise(&key, big).await.unwrap(), big);
+        // One less than `big` is the same double: compared as numbers, this would be lost.
+        assert_eq!(redis.raise(&key, big - 1).await.unwrap(), big);
+        assert_eq!(redis.counter(&key).await.unwrap(), big);
+        assert_eq!(memory.raise(&key, big).await.unwrap(), big);
+        assert_eq!(memory.raise(&key, 3).await.unwrap(), big);
+    }
+    assert_eq!(redis.incr(&format!("{p}c")).await.unwrap(), big + 1);
+}
