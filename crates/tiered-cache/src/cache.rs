@@ -635,24 +635,38 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        match self.l1_hit(key, loader) {
-            Ok(value) => Ok(value),
-            Err((loader, fallback)) => Box::pin(self.miss(key, loader, fallback)).await,
+        let inner = &self.inner;
+        let now = inner.clock.now_ms();
+        match inner.l1_get(key, now) {
+            // The common hit, fresh with no early refresh to consider, the same as `get`'s.
+            Some(e) if now < e.times.fresh_until && inner.policy.early_refresh().is_none() => {
+                count!(inner, l1_hits);
+                Ok(e.value)
+            }
+            found => match self.l1_hit(key, loader, now, found) {
+                Ok(value) => Ok(value),
+                Err((loader, fallback)) => Box::pin(self.miss(key, loader, fallback)).await,
+            },
         }
     }
 
-    /// The hit path, synchronous: a usable L1 copy (starting a refresh if one is due), or the
-    /// loader back with the expired copy, if any.
+    /// The rest of the hit path, synchronous, given what L1 held at `now`: a usable copy
+    /// (starting a refresh if one is due), or the loader back with the expired copy, if any.
     #[allow(clippy::type_complexity)]
-    fn l1_hit<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, (F, Option<L1Entry<V>>)>
+    fn l1_hit<F, Fut, E>(
+        &self,
+        key: &K,
+        loader: F,
+        now: u64,
+        found: Option<L1Entry<V>>,
+    ) -> Result<Option<V>, (F, Option<L1Entry<V>>)>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
         let inner = &self.inner;
-        let now = inner.clock.now_ms();
-        let Some(e) = inner.l1_get(key, now) else {
+        let Some(e) = found else {
             count!(inner, l1_misses);
             return Err((loader, None));
         };
@@ -701,7 +715,8 @@ where
                         return outcome;
                     }
                     // The leader was cancelled: look again, then try (perhaps as the leader).
-                    match self.l1_hit(key, loader) {
+                    let now = inner.clock.now_ms();
+                    match self.l1_hit(key, loader, now, inner.l1_get(key, now)) {
                         Ok(value) => return Ok(value),
                         Err((l, f)) => {
                             loader = l;
