@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisCluster;
 use stanchion_tiered_cache::{RedisCacheStore, TieredCache};
-use support::{batch, hour, prefix};
+use support::{batch, hour, prefix, propagation};
 
 type ClusterCache =
     TieredCache<u64, String, RedisCacheStore<redis::cluster_async::ClusterConnection>>;
@@ -19,12 +19,7 @@ async fn instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
 
 /// An instance whose bus uses sharded pub/sub.
 async fn sharded_instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
-    let client = redis::cluster::ClusterClient::builder(cluster.urls())
-        .connection_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let conn = client.get_async_connection().await.unwrap();
+    let conn = connection(cluster).await;
     let store = RedisCacheStore::sharded(conn, cluster.urls(), p).unwrap();
     let c = TieredCache::builder("product", store, hour())
         .key_prefix(p)
@@ -35,14 +30,21 @@ async fn sharded_instance(cluster: &RedisCluster, p: &str) -> ClusterCache {
     c
 }
 
-/// An instance; with `tags`, each value is tagged `group:{key % 3}`.
-async fn instance_tagged(cluster: &RedisCluster, p: &str, tags: bool) -> ClusterCache {
-    let client = redis::cluster::ClusterClient::builder(cluster.urls())
+/// A cluster connection that gives up within half a second.
+async fn connection(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::builder(cluster.urls())
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_millis(500))
         .build()
-        .unwrap();
-    let conn = client.get_async_connection().await.unwrap();
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+}
+
+/// An instance; with `tags`, each value is tagged `group:{key % 3}`.
+async fn instance_tagged(cluster: &RedisCluster, p: &str, tags: bool) -> ClusterCache {
+    let conn = connection(cluster).await;
     // The bus subscribes on one node: Redis Cluster forwards PUBLISH to every node.
     let subscriber = redis::Client::open(cluster.urls()[0].as_str()).unwrap();
     let store = RedisCacheStore::new(conn, Some(subscriber), p);
@@ -179,30 +181,11 @@ async fn the_sharded_bus_carries_invalidations_on_one_shard_only() {
         "one node: {sharded:?}"
     );
     assert_eq!(plain.iter().sum::<i64>(), 0);
-    let mut gaps = Vec::new();
-    for round in 0..50u64 {
-        for c in &caches {
-            c.get_or_load(&round, || async {
-                Ok::<_, std::io::Error>(Some("old".to_string()))
-            })
-            .await
-            .unwrap();
-        }
-        let started = Instant::now();
-        caches[0].invalidate(&round).await.unwrap();
-        for c in &caches[1..] {
-            while c.get(&round).await.unwrap().is_some() {
-                assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
-                tokio::task::yield_now().await;
-            }
-        }
-        gaps.push(started.elapsed());
-    }
-    gaps.sort();
-    eprintln!(
-        "sharded bus, invalidation seen by 2 other instances: median {:?}, p90 {:?}, max {:?}",
-        gaps[25], gaps[45], gaps[49]
-    );
+    propagation(
+        &caches,
+        "sharded bus, invalidation seen by 2 other instances",
+    )
+    .await;
     assert_eq!(caches[1].stats().invalidations_received, 50);
     // A tag-free namespace generation travels the same way.
     caches[2].invalidate_all().await.unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::TieredCache;
-use support::{Cache, batch, counting, instance, prefix, store};
+use support::{Cache, batch, counting, instance, prefix, propagation, store, value};
 use tokio::sync::oneshot;
 
 async fn instances(server: &RedisServer, p: &str, n: usize) -> Vec<Cache<String>> {
@@ -21,41 +21,12 @@ async fn instances(server: &RedisServer, p: &str, n: usize) -> Vec<Cache<String>
     out
 }
 
-fn value(
-    v: &str,
-) -> impl FnOnce() -> std::future::Ready<Result<Option<String>, std::io::Error>> + Send + 'static {
-    let v = v.to_owned();
-    move || std::future::ready(Ok(Some(v)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_on_one_instance_is_seen_by_every_other() {
     let server = RedisServer::shared().unwrap();
     let p = prefix("seen");
     let caches = instances(server, &p, 4).await;
-    let mut gaps = Vec::new();
-    for round in 0..50u64 {
-        for c in &caches {
-            c.get_or_load(&round, value("old")).await.unwrap();
-        }
-        // Every instance now answers from its own L1.
-        let started = Instant::now();
-        caches[0].invalidate(&round).await.unwrap();
-        for c in &caches[1..] {
-            while c.get(&round).await.unwrap().is_some() {
-                assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
-                tokio::task::yield_now().await;
-            }
-        }
-        gaps.push(started.elapsed());
-    }
-    gaps.sort();
-    eprintln!(
-        "invalidation seen by 3 other instances: median {:?}, p90 {:?}, max {:?}",
-        gaps[gaps.len() / 2],
-        gaps[gaps.len() * 9 / 10],
-        gaps[gaps.len() - 1]
-    );
+    propagation(&caches, "invalidation seen by 3 other instances").await;
     let received: u64 = caches[1..]
         .iter()
         .map(|c| c.stats().invalidations_received)

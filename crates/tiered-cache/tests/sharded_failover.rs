@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisCluster;
 use stanchion_tiered_cache::{Policy, RedisCacheStore, TieredCache};
-use support::prefix;
+use support::{prefix, value};
 
 type ClusterCache =
     TieredCache<u64, String, RedisCacheStore<redis::cluster_async::ClusterConnection>>;
@@ -32,13 +32,6 @@ async fn instance(urls: &[String], p: &str) -> ClusterCache {
         .unwrap();
     assert!(c.wait_for_bus(Duration::from_secs(5)).await);
     c
-}
-
-fn value(
-    v: &str,
-) -> impl FnOnce() -> std::future::Ready<Result<Option<String>, std::io::Error>> + Send + 'static {
-    let v = v.to_owned();
-    move || std::future::ready(Ok(Some(v)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use stanchion_tiered_cache::{Policy, RedisCacheStore, TieredCache};
+use stanchion_tiered_cache::{CacheStore, Policy, RedisCacheStore, TieredCache};
 
 pub type Store = RedisCacheStore<redis::aio::ConnectionManager>;
 pub type Cache<V> = TieredCache<u64, V, Store>;
@@ -89,4 +89,42 @@ pub fn counting(
 /// Loads for `get_or_load_many`: each id maps to "v{id}".
 pub async fn batch(ids: Vec<u64>) -> Result<HashMap<u64, String>, std::io::Error> {
     Ok(ids.into_iter().map(|id| (id, format!("v{id}"))).collect())
+}
+
+/// A loader that returns `v`.
+pub fn value(
+    v: &str,
+) -> impl FnOnce() -> std::future::Ready<Result<Option<String>, std::io::Error>> + Send + 'static {
+    let v = v.to_owned();
+    move || std::future::ready(Ok(Some(v)))
+}
+
+/// 50 rounds: every cache loads key `round` into its L1, `caches[0]` invalidates it, and the
+/// time until every other cache stops serving it is recorded (at most 2 s). Prints the median,
+/// p90 and max as `what`, and returns the sorted times.
+pub async fn propagation<S: CacheStore>(
+    caches: &[TieredCache<u64, String, S>],
+    what: &str,
+) -> Vec<std::time::Duration> {
+    let mut gaps = Vec::new();
+    for round in 0..50u64 {
+        for c in caches {
+            c.get_or_load(&round, value("old")).await.unwrap();
+        }
+        let started = std::time::Instant::now();
+        caches[0].invalidate(&round).await.unwrap();
+        for c in &caches[1..] {
+            while c.get(&round).await.unwrap().is_some() {
+                assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
+                tokio::task::yield_now().await;
+            }
+        }
+        gaps.push(started.elapsed());
+    }
+    gaps.sort();
+    eprintln!(
+        "{what}: median {:?}, p90 {:?}, max {:?}",
+        gaps[25], gaps[45], gaps[49]
+    );
+    gaps
 }
