@@ -68,6 +68,25 @@ fn alternate(iters: u64, other: &dyn Fn(u64, u64), timed: &dyn Fn(u64, u64)) -> 
     total
 }
 
+/// `iters` calls of `timed`, each after a call of `other` (untimed), with key `i % KEYS`;
+/// returns the time of `timed`'s calls.
+async fn alternate_calls<A, FA, B, FB>(iters: u64, other: A, timed: B) -> Duration
+where
+    A: Fn(u64) -> FA,
+    FA: std::future::Future,
+    B: Fn(u64) -> FB,
+    FB: std::future::Future,
+{
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        other(i % KEYS).await;
+        let start = Instant::now();
+        timed(i % KEYS).await;
+        total += start.elapsed();
+    }
+    total
+}
+
 fn l1_hit(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut g = c.benchmark_group("tiered_cache_l1_hit");
@@ -171,28 +190,12 @@ fn l2(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("tiered_cache_l2_hit");
     g.bench_function("bare_get_decode", |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
-            let mut timed = Duration::ZERO;
-            for i in 0..iters {
-                ours_get(i % KEYS).await;
-                let start = Instant::now();
-                bare_get(i % KEYS).await;
-                timed += start.elapsed();
-            }
-            timed
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| alternate_calls(iters, ours_get, bare_get))
     });
     g.bench_function("stanchion_get", |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
-            let mut timed = Duration::ZERO;
-            for i in 0..iters {
-                bare_get(i % KEYS).await;
-                let start = Instant::now();
-                ours_get(i % KEYS).await;
-                timed += start.elapsed();
-            }
-            timed
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| alternate_calls(iters, bare_get, ours_get))
     });
     g.finish();
 
@@ -221,28 +224,12 @@ fn l2(c: &mut Criterion) {
         async move { black_box(ours.get_many(keys).await.expect("get_many")) }
     };
     g.bench_function("bare_mget_decode", |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                ours_many().await;
-                let start = Instant::now();
-                bare_mget().await;
-                timed += start.elapsed();
-            }
-            timed
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| alternate_calls(iters, |_| ours_many(), |_| bare_mget()))
     });
     g.bench_function("stanchion_get_many", |b| {
-        b.to_async(&rt).iter_custom(|iters| async move {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                bare_mget().await;
-                let start = Instant::now();
-                ours_many().await;
-                timed += start.elapsed();
-            }
-            timed
-        })
+        b.to_async(&rt)
+            .iter_custom(|iters| alternate_calls(iters, |_| bare_mget(), |_| ours_many()))
     });
     g.finish();
 }
