@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::TieredCache;
-use support::{Cache, batch, counting, instance, prefix, propagation, store, value};
-use tokio::sync::oneshot;
+use support::{Cache, batch, counting, gated_load, instance, prefix, propagation, store, value};
 
 async fn instances(server: &RedisServer, p: &str, n: usize) -> Vec<Cache<String>> {
     let mut out = Vec::new();
@@ -69,26 +68,14 @@ async fn stale_load_race(invalidate_elsewhere: bool, with_old_entry: bool) {
         seed.get_or_load(&1, value("older")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
     }
-    let (release, gate) = oneshot::channel::<()>();
-    let (started_tx, started_rx) = oneshot::channel::<()>();
-    let load = tokio::spawn({
-        let reader = reader.clone();
-        async move {
-            reader
-                .get_or_load(&1, move || async move {
-                    let _ = started_tx.send(());
-                    let _ = gate.await; // the row is read here, before the update
-                    Ok::<_, std::io::Error>(Some("old".to_string()))
-                })
-                .await
-        }
-    });
-    started_rx.await.unwrap();
+    // The reader reads the row ("old") here, before the update.
+    let gated = gated_load(reader, 1, "old".to_string());
+    gated.started.await.unwrap();
     // The writer commits "new" and invalidates while the reader's load is in flight.
     writer.invalidate(&1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await; // let the message arrive
-    release.send(()).unwrap();
-    assert_eq!(load.await.unwrap().unwrap().as_deref(), Some("old"));
+    gated.release.send(()).unwrap();
+    assert_eq!(gated.load.await.unwrap().unwrap().as_deref(), Some("old"));
     assert_eq!(
         reader.stats().stale_writes_refused,
         1,

@@ -13,8 +13,7 @@ use stanchion_testkit::RedisServer;
 use stanchion_tiered_cache::{
     CacheError, CacheStore, MemoryCacheStore, Policy, RedisCacheStore, TieredCache,
 };
-use support::{Store, hour, manager, prefix, store};
-use tokio::sync::oneshot;
+use support::{Store, gated_load, hour, manager, prefix, store};
 
 /// (name, category id)
 type Product = (String, u32);
@@ -122,25 +121,12 @@ async fn a_tag_invalidation_reaches_every_namespace_on_every_instance() {
 async fn overlapping_load<S: CacheStore + Clone>(make: impl Fn() -> S, p: &str) {
     let reader = products(make(), p, hour()).await;
     let writer = products(make(), p, hour()).await;
-    let (release, gate) = oneshot::channel::<()>();
-    let (started_tx, started_rx) = oneshot::channel::<()>();
-    let load = tokio::spawn({
-        let reader = reader.clone();
-        async move {
-            reader
-                .get_or_load(&1, move || async move {
-                    let _ = started_tx.send(());
-                    let _ = gate.await; // the row is read here, before the update
-                    Ok::<_, std::io::Error>(Some(("old".to_string(), 7)))
-                })
-                .await
-        }
-    });
-    started_rx.await.unwrap();
+    let gated = gated_load(&reader, 1, ("old".to_string(), 7));
+    gated.started.await.unwrap();
     writer.invalidate_tag("category:7").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await; // let the message arrive
-    release.send(()).unwrap();
-    assert_eq!(load.await.unwrap().unwrap(), Some(("old".into(), 7)));
+    gated.release.send(()).unwrap();
+    assert_eq!(gated.load.await.unwrap().unwrap(), Some(("old".into(), 7)));
     assert_eq!(
         reader.stats().stale_writes_refused,
         1,

@@ -128,3 +128,37 @@ pub async fn propagation<S: CacheStore>(
     );
     gaps
 }
+
+/// A load of `key` held open on purpose, to force an interleaving: its loader reports on
+/// `started` that it has begun (the row is read then), and returns `value` only once
+/// `release` is sent.
+pub struct GatedLoad<V> {
+    pub started: tokio::sync::oneshot::Receiver<()>,
+    pub release: tokio::sync::oneshot::Sender<()>,
+    pub load: tokio::task::JoinHandle<Result<Option<V>, stanchion_tiered_cache::CacheError>>,
+}
+
+/// Starts `cache.get_or_load(&key, ..)` on a task with a gated loader returning `value`.
+pub fn gated_load<V, S>(cache: &TieredCache<u64, V, S>, key: u64, value: V) -> GatedLoad<V>
+where
+    V: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static,
+    S: CacheStore,
+{
+    let (release, gate) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let cache = cache.clone();
+    let load = tokio::spawn(async move {
+        cache
+            .get_or_load(&key, move || async move {
+                let _ = started_tx.send(());
+                let _ = gate.await;
+                Ok::<_, std::io::Error>(Some(value))
+            })
+            .await
+    });
+    GatedLoad {
+        started,
+        release,
+        load,
+    }
+}
