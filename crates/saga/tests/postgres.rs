@@ -118,6 +118,78 @@ async fn sagas_continue_after_a_postgres_restart() {
     exec.shutdown(Duration::from_secs(5)).await;
 }
 
+/// PostgreSQL killed for good while orders run (it never comes back): what the caller sees is
+/// a prompt error from `begin`, `wait` and `get` (each within the pool's acquire timeout, none
+/// holding the database's password), no step started past what the log recorded, and a
+/// shutdown that still ends within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_postgres_fails_calls_promptly_and_the_executor_still_stops() {
+    let password = "pg-secret-4d1f";
+    let mut cluster = PostgresCluster::builder()
+        .replicas(0)
+        .password(password)
+        .start()
+        .unwrap();
+    assert!(cluster.url(Node::Primary).contains(password));
+    let log = log_on(&cluster, Duration::from_millis(300)).await;
+    let shop = Arc::new(Shop::default());
+    let exec = Executor::builder(log.clone())
+        .name("dead")
+        .register(order_saga(shop.clone(), 1))
+        .lease(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(100))
+        .start()
+        .unwrap();
+    // Slowish steps (within their 150 ms timeout): orders are mid-saga when the server dies.
+    shop.step_delay_ms.store(50, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(exec.begin("order", &json!({ "sku": i })).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(75)).await;
+    tokio::task::block_in_place(|| cluster.kill(Node::Primary).unwrap());
+    let prompt = Duration::from_secs(2);
+    let t = Instant::now();
+    let begun = exec.begin("order", &json!({ "sku": "late" })).await;
+    assert!(matches!(begun, Err(SagaError::Database(_))), "{begun:?}");
+    assert!(t.elapsed() < prompt, "begin took {:?}", t.elapsed());
+    let t = Instant::now();
+    let waited = exec.wait(&ids[0], Duration::from_secs(30)).await;
+    assert!(matches!(waited, Err(SagaError::Database(_))), "{waited:?}");
+    assert!(t.elapsed() < prompt, "wait took {:?}", t.elapsed());
+    for e in [begun.unwrap_err(), waited.unwrap_err()] {
+        assert!(!e.to_string().contains(password), "{e}");
+        assert!(!format!("{e:?}").contains(password), "{e:?}");
+    }
+    // Running sagas cannot record their steps; a step whose start was not recorded does not
+    // run, so the effects stop within a step or two of the death.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = || {
+        [&shop.inventory, &shop.payment, &shop.orders]
+            .iter()
+            .map(|s| s.calls.load(Ordering::SeqCst))
+            .sum::<u64>()
+    };
+    let ran = calls();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = calls();
+    assert_eq!(ran, later, "steps kept running with the log dead");
+    // The orders were cut short: not every step of every order ran.
+    let all_steps = 10 * 3;
+    assert!(
+        ran < all_steps,
+        "{ran} step calls: the orders finished before the kill"
+    );
+    eprintln!("{ran} of {all_steps} step calls a second after the log died; none in the next two");
+    let t = Instant::now();
+    exec.shutdown(Duration::from_secs(3)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
 /// A saga whose definition is not registered on the executor that finds it is parked with a
 /// clear error, not lost; registered again, an operator's retry finishes it. A saga that began
 /// under version 1 finishes under version 1 after version 2 is deployed.
