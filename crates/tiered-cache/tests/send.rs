@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use stanchion_tiered_cache::{MemoryCacheStore, Policy, TieredCache};
+use stanchion_tiered_cache::{CacheStore, MemoryCacheStore, Policy, TieredCache};
 
 fn assert_send<T: Send>(t: T) -> T {
     t
@@ -45,6 +45,12 @@ async fn every_public_future_is_send() {
         }))
         .await;
         assert_send(cc.wait_for_bus(Duration::from_millis(10))).await;
+        // A store's bus subscription, for code that listens to it directly.
+        let mut bus = MemoryCacheStore::new().subscribe();
+        assert!(matches!(
+            assert_send(bus.recv()).await,
+            Some(stanchion_tiered_cache::BusEvent::Connected)
+        ));
     })
     .await
     .unwrap();
