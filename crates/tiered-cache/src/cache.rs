@@ -336,7 +336,12 @@ impl<K, V, S, C> TieredCacheBuilder<K, V, S, C> {
     }
     /// Loads across instances take a lease in L2 (`SET NX PX ttl`): one instance loads while
     /// the others wait up to `wait` for its value, then load themselves. `ttl` bounds how long
-    /// a crashed holder blocks others; it should exceed the slowest load.
+    /// a crashed holder blocks others; it should exceed the slowest load. When `wait` is
+    /// longer than `ttl`, a waiter whose value has not come once the holder's lease must have
+    /// lapsed (its process died) contends for the lease again: one of them loads for all
+    /// ([`Stats::lease_takeovers`]), so a crashed holder costs one reload after `ttl`, not one
+    /// per instance after `wait`. A holder still loading past `ttl` is taken over too (two
+    /// loads at once): keep `ttl` above the slowest load.
     pub fn lease(mut self, ttl: Duration, wait: Duration) -> Self {
         self.lease = Some(Lease { ttl, wait });
         self
@@ -1647,18 +1652,52 @@ where
         let ttl = lease.ttl.as_millis() as u64;
         match self.l2(self.store.try_lease(&lkey, token, ttl)).await {
             Ok(true) => {
-                let outcome = self.load_and_store(key, loader, found, epoch).await;
-                let body = match &outcome {
-                    Ok(_) => Body::Filled(skey.to_owned()),
-                    Err(_) => Body::Failed(skey.to_owned()),
-                };
-                let _ = self.l2(self.store.release_lease(&lkey, token)).await;
-                let _ = self.publish_quiet(body).await;
-                outcome
+                self.load_under_lease(key, skey, &lkey, token, loader, found, epoch)
+                    .await
             }
             Ok(false) => {
                 count!(self, lease_waits);
-                let woke = tokio::time::timeout(lease.wait, notified).await.is_ok();
+                // The holder's lease ends by `ttl` from now at the latest: if its value has
+                // not come by then (its process died, or it let the lease lapse), the lease is
+                // contended again, so one waiter loads instead of every waiter at `wait`.
+                let deadline = tokio::time::Instant::now() + lease.wait;
+                let mut retake_at = tokio::time::Instant::now() + lease.ttl;
+                let woke = loop {
+                    let until = deadline.min(retake_at);
+                    if tokio::time::timeout_at(until, notified.as_mut())
+                        .await
+                        .is_ok()
+                    {
+                        break true;
+                    }
+                    if until == deadline {
+                        break false;
+                    }
+                    let now = self.clock.now_ms();
+                    if let Ok((expect, Some(e))) = self.read_l2(skey, now).await
+                        && now < e.times.expires_at
+                    {
+                        // The value came and its message did not.
+                        found.expect = expect;
+                        count!(self, l2_hits);
+                        self.l1_put(key, &e, epoch);
+                        return Ok(e.value);
+                    }
+                    match self.l2(self.store.try_lease(&lkey, token, ttl)).await {
+                        Ok(true) => {
+                            count!(self, lease_takeovers);
+                            return self
+                                .load_under_lease(key, skey, &lkey, token, loader, found, epoch)
+                                .await;
+                        }
+                        // Another waiter took it over: wait for its value.
+                        Ok(false) => retake_at = tokio::time::Instant::now() + lease.ttl,
+                        Err(_) => {
+                            found.l2_ok = false;
+                            break false;
+                        }
+                    }
+                };
                 if woke {
                     let now = self.clock.now_ms();
                     if let Ok((expect, entry)) = self.read_l2(skey, now).await {
@@ -1694,6 +1733,34 @@ where
                 self.load_and_store(key, loader, found, epoch).await
             }
         }
+    }
+
+    /// Loads as the holder of the lease `lkey` (taken with `token`): the load, then the
+    /// release, then the message that wakes the instances waiting for it.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_under_lease<F, Fut, E>(
+        &self,
+        key: &K,
+        skey: &str,
+        lkey: &str,
+        token: u64,
+        loader: F,
+        found: Found<V>,
+        epoch: u64,
+    ) -> Shared<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let outcome = self.load_and_store(key, loader, found, epoch).await;
+        let body = match &outcome {
+            Ok(_) => Body::Filled(skey.to_owned()),
+            Err(_) => Body::Failed(skey.to_owned()),
+        };
+        let _ = self.l2(self.store.release_lease(lkey, token)).await;
+        let _ = self.publish_quiet(body).await;
+        outcome
     }
 
     /// Publishes without counting it as an invalidation.

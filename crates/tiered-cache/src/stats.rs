@@ -49,6 +49,9 @@ counters! {
     lease_waits,
     /// Of those, waits that ended without the other instance's value.
     lease_timeouts,
+    /// Waits that took the lease over once the holder's had lapsed without a value (its
+    /// process died), and loaded for everyone.
+    lease_takeovers,
     /// Invalidation messages published.
     invalidations_sent,
     /// Invalidation messages from other instances applied.

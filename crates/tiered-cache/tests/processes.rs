@@ -4,8 +4,10 @@
 //!
 //! - Four processes, 100 concurrent misses each, lease on: one loader call in all; an insert
 //!   made by a fifth process then reaches every process's L1 through the bus.
-//! - A process holding the lease is killed (SIGKILL) in the middle of its load: the instance
+//! - A process holding the lease is killed (SIGKILL) in the middle of its load: an instance
 //!   waiting for its value gives up after its bounded wait and loads itself; nobody hangs.
+//!   When the lease lapses before the wait ends, one of three waiting instances takes it over
+//!   and loads for all of them.
 //!
 //! It has its own `main` (no test harness): a child is this binary with `CHILD` set.
 
@@ -25,9 +27,10 @@ const CHILD: &str = "STANCHION_TIERED_CACHE_CHILD";
 const URL: &str = "STANCHION_TIERED_CACHE_URL";
 const PREFIX: &str = "STANCHION_TIERED_CACHE_PREFIX";
 
-const TESTS: [&str; 2] = [
+const TESTS: [&str; 3] = [
     "four_processes_load_once_and_see_each_others_writes",
     "a_killed_lease_holder_blocks_nobody_past_the_wait",
+    "a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter",
 ];
 
 fn main() {
@@ -42,7 +45,8 @@ fn main() {
         runtime.block_on(async {
             match role.as_str() {
                 "stampede" => stampede_child(&url, &p).await,
-                "holder" => holder_child(&url, &p).await,
+                "holder" => holder_child(&url, &p, 2, Duration::from_secs(3)).await,
+                "short-holder" => holder_child(&url, &p, 3, Duration::from_secs(1)).await,
                 other => panic!("unknown role {other}"),
             }
         });
@@ -69,7 +73,10 @@ fn main() {
                 "four_processes_load_once_and_see_each_others_writes" => {
                     four_processes_load_once_and_see_each_others_writes(&server).await
                 }
-                _ => a_killed_lease_holder_blocks_nobody_past_the_wait(&server).await,
+                "a_killed_lease_holder_blocks_nobody_past_the_wait" => {
+                    a_killed_lease_holder_blocks_nobody_past_the_wait(&server).await
+                }
+                _ => a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter(&server).await,
             }
         });
         println!("test {t} ... ok");
@@ -231,18 +238,13 @@ async fn stampede_child(url: &str, p: &str) {
     );
 }
 
-/// Leads the load of key 2 under the lease and never finishes it (it is killed).
-async fn holder_child(url: &str, p: &str) {
-    let cache = instance(
-        url,
-        p,
-        Some((Duration::from_secs(3), Duration::from_secs(1))),
-    )
-    .await;
+/// Leads the load of `key` under a lease of `ttl` and never finishes it (it is killed).
+async fn holder_child(url: &str, p: &str, key: u64, ttl: Duration) {
+    let cache = instance(url, p, Some((ttl, Duration::from_secs(1)))).await;
     let mut conn = manager(url).await;
     let holding = format!("{p}holding");
     let _ = cache
-        .get_or_load(&2, move || async move {
+        .get_or_load(&key, move || async move {
             let _: () = conn.set(holding, 1).await.unwrap();
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok::<_, std::io::Error>(Some("never".to_string()))
@@ -309,4 +311,60 @@ async fn a_killed_lease_holder_blocks_nobody_past_the_wait(server: &RedisServer)
     assert_eq!(got.as_deref(), Some("lamp"));
     assert_eq!(later.stats().loads, 0);
     println!("waiter gave up on the killed holder after {waited:?} and loaded itself");
+}
+
+async fn a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter(server: &RedisServer) {
+    let url = server.url();
+    let p = prefix("takeover");
+    let mut conn = manager(&url).await;
+    let mut holder = spawn("short-holder", &url, &p);
+    counter_reaches(
+        &mut conn,
+        &format!("{p}holding"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    holder.0.kill().unwrap();
+    assert!(!holder.0.wait().unwrap().success());
+    // Three instances, 20 callers each, willing to wait 5 s; the dead holder's lease (1 s)
+    // lapses well before that.
+    let lease = Some((Duration::from_secs(1), Duration::from_secs(5)));
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        waiters.push(instance(&url, &p, lease).await);
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = waiters
+        .iter()
+        .flat_map(|w| std::iter::repeat_n(w, 20))
+        .map(|w| {
+            let (w, calls) = (w.clone(), Arc::clone(&calls));
+            tokio::spawn(async move {
+                w.get_or_load(&3, move || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(Some("lamp".to_string()))
+                })
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().as_deref(), Some("lamp"));
+    }
+    let took = started.elapsed();
+    let sum = |f: fn(&stanchion_tiered_cache::Stats) -> u64| -> u64 {
+        waiters.iter().map(|w| f(&w.stats())).sum()
+    };
+    println!(
+        "three instances served after {took:?}: {} loader call(s), {} takeover(s)",
+        calls.load(Ordering::SeqCst),
+        sum(|s| s.lease_takeovers)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one waiter loaded for all");
+    assert_eq!(sum(|s| s.lease_takeovers), 1);
+    assert_eq!(sum(|s| s.lease_timeouts), 0);
+    assert!(took < Duration::from_secs(3), "took {took:?} of a 5 s wait");
 }
