@@ -58,7 +58,8 @@ pub enum CutoverError {
     /// The source does not own every slot it was asked to move.
     #[error("the source owns {owned} of the {asked} slots to move; nothing was changed")]
     NotOwner {
-        /// Slots owned and in the `owned` state.
+        /// Slots the source holds: `owned`, or `fenced` by a cutover that stopped before its
+        /// switch.
         owned: usize,
         /// Slots asked for.
         asked: usize,
@@ -214,8 +215,10 @@ impl Cutover {
         let started = Instant::now();
         let mut report = CutoverReport::default();
         let slots = slot_array(&self.slots);
+        // Owned, or fenced by an earlier run of a cutover that stopped before its switch (its
+        // process died): running again picks up from there.
         let owned: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM stanchion_slot_owner WHERE slot = ANY($1) AND state = 'owned'",
+            "SELECT count(*) FROM stanchion_slot_owner WHERE slot = ANY($1) AND state IN ('owned', 'fenced')",
         )
         .bind(&slots)
         .fetch_one(&self.source)
