@@ -20,7 +20,8 @@
 //! 7. **release**: the moved rows are deleted from the source in batches.
 //!
 //! A failure before the switch leaves the source fenced and the target partly filled:
-//! [`Cutover::abort`] unfences the source and removes the copies. After the switch, a failure
+//! [`Cutover::abort`] unfences the source and removes the copies, or [`Cutover::run`] again
+//! picks up from there and finishes the move. After the switch, a failure
 //! in release leaves dead rows on the source, which [`Cutover::release`] removes when run
 //! again. Rows must carry their slot in a column (written with the row, from
 //! [`crate::slot_of`] or the id), so the database can select a slot's rows.
