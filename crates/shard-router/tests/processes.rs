@@ -7,6 +7,8 @@
 //! - Killed while copying (before the fence): the source still owns and takes writes;
 //!   `abort()` removes the partial copies and `run()` then finishes the move, or `run()` again
 //!   at once finishes it over the partial copies.
+//! - Killed while releasing (after the switch): the target owns the slots, the source refuses
+//!   them as moved; `release()` removes the dead rows left on the source.
 //!
 //! After each: every row exactly once, on the shard the new map names, with its value.
 //! It has its own `main` (no test harness): a child is this binary with `CHILD` set.
@@ -27,11 +29,20 @@ const TARGET: &str = "STANCHION_SHARD_ROUTER_TARGET";
 const ROWS: i64 = 40_000;
 const SLOTS: u32 = 256;
 
-const TESTS: [&str; 3] = [
+const TESTS: [&str; 4] = [
     "a_cutover_killed_after_its_fence_is_finished_by_running_it_again",
     "a_cutover_killed_while_copying_is_aborted_and_run_again",
     "a_cutover_killed_while_copying_is_finished_by_running_it_again",
+    "a_cutover_killed_while_releasing_is_finished_by_release",
 ];
+
+/// Where the cutover's process is killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillAt {
+    Copying,
+    Fenced,
+    Releasing,
+}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,9 +78,13 @@ fn main() {
     ];
     for t in &chosen {
         println!("test {t} ...");
-        let after_fence = *t == TESTS[0];
+        let kill_at = match *t {
+            t if t == TESTS[0] => KillAt::Fenced,
+            t if t == TESTS[3] => KillAt::Releasing,
+            _ => KillAt::Copying,
+        };
         let abort_first = *t == TESTS[1];
-        runtime.block_on(killed_cutover(&servers, after_fence, abort_first));
+        runtime.block_on(killed_cutover(&servers, kill_at, abort_first));
         println!("test {t} ... ok");
     }
     println!(
@@ -139,7 +154,7 @@ async fn guard(pool: &PgPool, slot: u32) -> Result<(), CutoverError> {
     guard_write(&mut tx, slot).await
 }
 
-async fn killed_cutover(servers: &[PostgresCluster; 2], after_fence: bool, abort_first: bool) {
+async fn killed_cutover(servers: &[PostgresCluster; 2], kill_at: KillAt, abort_first: bool) {
     let dbs = [
         servers[0].create_database().unwrap(),
         servers[1].create_database().unwrap(),
@@ -200,10 +215,17 @@ async fn killed_cutover(servers: &[PostgresCluster; 2], after_fence: bool, abort
         )
         .await;
         let copied = count(&target, "SELECT count(*) FROM products").await;
-        let at_step = if after_fence {
-            fenced > 0
-        } else {
-            copied >= 1000
+        let at_step = match kill_at {
+            KillAt::Copying => copied >= 1000,
+            KillAt::Fenced => fenced > 0,
+            KillAt::Releasing => {
+                count(
+                    &source,
+                    "SELECT count(*) FROM stanchion_slot_owner WHERE state = 'moved'",
+                )
+                .await
+                    > 0
+            }
         };
         if at_step {
             break;
@@ -224,12 +246,7 @@ async fn killed_cutover(servers: &[PostgresCluster; 2], after_fence: bool, abort
         .filter(|&&id| moving.contains(&v1.slot(Key::Int(id))))
         .count() as i64;
     println!(
-        "killed {} after {:?}: {copied} of {moving_rows} moving rows on the target",
-        if after_fence {
-            "after the fence"
-        } else {
-            "while copying"
-        },
+        "killed ({kill_at:?}) after {:?}: {copied} of {moving_rows} moving rows on the target",
         started.elapsed()
     );
 
@@ -239,15 +256,42 @@ async fn killed_cutover(servers: &[PostgresCluster; 2], after_fence: bool, abort
         guard(&source, staying).await.is_ok(),
         "a staying slot takes writes"
     );
-    assert!(
-        matches!(
-            guard(&target, moving[0]).await,
-            Err(CutoverError::Route(RouteError::SlotFenced { .. }))
-        ),
-        "the target does not take writes of a slot it has not received"
-    );
+    if kill_at != KillAt::Releasing {
+        assert!(
+            matches!(
+                guard(&target, moving[0]).await,
+                Err(CutoverError::Route(RouteError::SlotFenced { .. }))
+            ),
+            "the target does not take writes of a slot it has not received"
+        );
+    }
     let cutover = cutover(&source, &target);
-    if after_fence {
+    if kill_at == KillAt::Releasing {
+        assert!(
+            matches!(
+                moving_write,
+                Err(CutoverError::Route(RouteError::SlotMoved { version, .. })) if version == v2.version()
+            ),
+            "{moving_write:?}"
+        );
+        assert!(guard(&target, moving[0]).await.is_ok(), "the target owns");
+        let dead = count(
+            &source,
+            &format!(
+                "SELECT count(*) FROM products WHERE slot = ANY('{{{}}}'::integer[])",
+                moving
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        )
+        .await;
+        println!("{dead} dead rows left on the source");
+        assert!(dead > 0, "the release had finished before the kill");
+        let released = cutover.release().await.unwrap();
+        assert_eq!(released as i64, dead);
+    } else if kill_at == KillAt::Fenced {
         assert!(
             matches!(
                 moving_write,
