@@ -218,20 +218,44 @@ impl Cutover {
         let slots = slot_array(&self.slots);
         // Owned, or fenced by an earlier run of a cutover that stopped before its switch (its
         // process died): running again picks up from there.
-        let owned: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM stanchion_slot_owner WHERE slot = ANY($1) AND state IN ('owned', 'fenced')",
-        )
-        .bind(&slots)
-        .fetch_one(&self.source)
-        .await?;
-        if owned as usize != self.slots.len() {
+        let held = self
+            .count(&self.source, &slots, "state IN ('owned', 'fenced')")
+            .await?;
+        if held != self.slots.len() {
+            // An earlier run that got through its switch and stopped while releasing: only
+            // the release is left.
+            let moved = self
+                .count(&self.source, &slots, "state = 'moved' AND version = $2")
+                .await?;
+            if moved == self.slots.len() && self.target_owns(&slots).await.unwrap_or(false) {
+                report.released = self.release().await?;
+                report.total = started.elapsed();
+                return Ok(report);
+            }
             return Err(CutoverError::NotOwner {
-                owned: owned as usize,
+                owned: held,
                 asked: self.slots.len(),
             });
         }
         // 1. prepare
         sqlx::query(OWNER_TABLE_SQL).execute(&self.target).await?;
+        // A run that stopped inside its switch (the target took the slots, the source still
+        // has them fenced) is finished from there: the target may already hold writes made
+        // under the new map, which a new copy from the fenced source would undo. (A source
+        // that still *owns* them goes through every step, whatever the target claims.)
+        if self.count(&self.source, &slots, "state = 'fenced'").await? == self.slots.len()
+            && self.target_owns(&slots).await?
+        {
+            tracing::warn!(
+                shard.slots = self.slots.len(),
+                shard.version = self.version,
+                "the target already owns the slots: finishing an interrupted switch"
+            );
+            self.mark_moved(&slots).await?;
+            report.released = self.release().await?;
+            report.total = started.elapsed();
+            return Ok(report);
+        }
         sqlx::query(
             "INSERT INTO stanchion_slot_owner (slot, state, version)
              SELECT s, 'incoming', $2 FROM unnest($1::integer[]) AS s
@@ -272,13 +296,7 @@ impl Cutover {
         .bind(version_i64(self.version))
         .execute(&self.target)
         .await?;
-        sqlx::query(
-            "UPDATE stanchion_slot_owner SET state = 'moved', version = $2 WHERE slot = ANY($1)",
-        )
-        .bind(&slots)
-        .bind(version_i64(self.version))
-        .execute(&self.source)
-        .await?;
+        self.mark_moved(&slots).await?;
         report.fenced_for = fenced.elapsed();
         tracing::info!(
             shard.slots = self.slots.len(),
@@ -292,6 +310,46 @@ impl Cutover {
         report.released = self.release().await?;
         report.total = started.elapsed();
         Ok(report)
+    }
+
+    /// How many of `slots` are in `state` (a condition that may use `$2`, the new version)
+    /// in `pool`'s ownership table.
+    async fn count(
+        &self,
+        pool: &PgPool,
+        slots: &[i32],
+        state: &'static str,
+    ) -> Result<usize, CutoverError> {
+        // `$2` is always bound; the last term gives it a type when `state` does not use it.
+        let sql = format!(
+            "SELECT count(*) FROM stanchion_slot_owner WHERE slot = ANY($1) AND {state} AND $2::bigint IS NOT NULL"
+        );
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(slots)
+            .bind(version_i64(self.version))
+            .fetch_one(pool)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Whether the target owns every slot at the new version (its half of the switch is done).
+    async fn target_owns(&self, slots: &[i32]) -> Result<bool, CutoverError> {
+        let owned = self
+            .count(&self.target, slots, "state = 'owned' AND version = $2")
+            .await?;
+        Ok(owned == self.slots.len())
+    }
+
+    /// The source's half of the switch: the slots are marked moved at the new version.
+    async fn mark_moved(&self, slots: &[i32]) -> Result<(), CutoverError> {
+        sqlx::query(
+            "UPDATE stanchion_slot_owner SET state = 'moved', version = $2 WHERE slot = ANY($1)",
+        )
+        .bind(slots)
+        .bind(version_i64(self.version))
+        .execute(&self.source)
+        .await?;
+        Ok(())
     }
 
     /// Deletes the moved rows from the source, in batches (step 7; safe to run again).

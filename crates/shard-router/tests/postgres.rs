@@ -500,6 +500,104 @@ async fn a_cutover_refuses_slots_the_source_does_not_own_and_abort_undoes_a_fenc
     ));
 }
 
+/// `run()` again picks up wherever an earlier run stopped after its fence: inside its switch
+/// (the target took the slots, the source still has them fenced), where a write made on the
+/// target under the new map must survive; and after the switch, where only the release is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_a_cutover_again_after_its_switch_began_keeps_the_targets_writes() {
+    let (_clusters, pools) = shards(2).await;
+    for p in &pools {
+        sqlx::query(
+            "CREATE TABLE t (id bigint PRIMARY KEY, slot integer NOT NULL, price bigint NOT NULL)",
+        )
+        .execute(p)
+        .await
+        .unwrap();
+    }
+    install(&pools[0], &[1, 2, 3], 1).await.unwrap();
+    sqlx::query("INSERT INTO t SELECT g, g % 3 + 1, g FROM generate_series(0, 299) g")
+        .execute(&pools[0])
+        .await
+        .unwrap();
+    // The state a run leaves when its process dies between the two halves of its switch: rows
+    // copied, the target owning slots 1 and 2 at version 2, the source still fencing them.
+    let rows: Vec<(i64, i32, i64)> =
+        sqlx::query_as("SELECT id, slot, price FROM t WHERE slot IN (1, 2)")
+            .fetch_all(&pools[0])
+            .await
+            .unwrap();
+    for (id, slot, price) in &rows {
+        sqlx::query("INSERT INTO t VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(slot)
+            .bind(price)
+            .execute(&pools[1])
+            .await
+            .unwrap();
+    }
+    install(&pools[1], &[1, 2], 2).await.unwrap();
+    sqlx::query("UPDATE stanchion_slot_owner SET state = 'fenced' WHERE slot IN (1, 2)")
+        .execute(&pools[0])
+        .await
+        .unwrap();
+    // A writer that already has map version 2 writes on the target.
+    let mut tx = pools[1].begin().await.unwrap();
+    guard_write(&mut tx, 2).await.unwrap();
+    sqlx::query("UPDATE t SET price = -7 WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let table = MovedTable::new("t", "id", "slot").unwrap();
+    let cutover = Cutover::new(
+        pools[0].clone(),
+        pools[1].clone(),
+        vec![1, 2],
+        2,
+        vec![table],
+    );
+    let report = cutover.run().await.unwrap();
+    assert_eq!(report.released, rows.len() as u64);
+    let price: i64 = sqlx::query_scalar("SELECT price FROM t WHERE id = 1")
+        .fetch_one(&pools[1])
+        .await
+        .unwrap();
+    assert_eq!(price, -7, "the target's write survived");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM t WHERE slot IN (1, 2)")
+        .fetch_one(&pools[0])
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    let mut tx = pools[0].begin().await.unwrap();
+    assert!(matches!(
+        guard_write(&mut tx, 1).await,
+        Err(CutoverError::Route(RouteError::SlotMoved {
+            version: 2,
+            ..
+        }))
+    ));
+    drop(tx);
+    // Once more, with the switch done: only the release runs, and finds nothing.
+    assert_eq!(cutover.run().await.unwrap().released, 0);
+    // A source that still owns its slots goes through every step whatever the target says.
+    let slot3 = Cutover::new(
+        pools[0].clone(),
+        pools[1].clone(),
+        vec![3],
+        3,
+        vec![MovedTable::new("t", "id", "slot").unwrap()],
+    );
+    install(&pools[1], &[3], 3).await.unwrap();
+    let report = slot3.run().await.unwrap();
+    assert_eq!(report.released, 100);
+    let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM t WHERE slot = 3")
+        .fetch_one(&pools[1])
+        .await
+        .unwrap();
+    assert_eq!(moved, 100, "copied, not assumed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_directory_pins_keys_from_a_table_and_caches_hits_and_misses_within_bounds() {
     use stanchion_shard_router::directory::{Directory, DirectoryError};
