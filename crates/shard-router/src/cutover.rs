@@ -21,7 +21,8 @@
 //!
 //! A failure before the switch leaves the source fenced and the target partly filled:
 //! [`Cutover::abort`] unfences the source and removes the copies, or [`Cutover::run`] again
-//! picks up from there and finishes the move. After the switch, a failure
+//! picks up from there and finishes the move (from inside the switch, it only completes the
+//! switch and releases; after it, it only releases). After the switch, a failure
 //! in release leaves dead rows on the source, which [`Cutover::release`] removes when run
 //! again. Rows must carry their slot in a column (written with the row, from
 //! [`crate::slot_of`] or the id), so the database can select a slot's rows.
