@@ -33,6 +33,7 @@
 
 pub mod child;
 mod error;
+pub mod events;
 mod nats;
 mod postgres;
 mod process;
