@@ -18,17 +18,6 @@ use stanchion_outbox::{
 use stanchion_testkit::{PostgresCluster, RedisCluster, RedisServer};
 use support::*;
 
-async fn manager(url: &str) -> ConnectionManager {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(0);
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap()
-}
-
 /// An embedded outbox (SQLite in memory) for the broker-side tests.
 async fn sqlite_outbox() -> SqliteOutbox {
     let pool = SqlitePoolOptions::new()

@@ -14,21 +14,10 @@ use redis::AsyncCommands;
 use sqlx::postgres::PgPoolOptions;
 use stanchion_outbox::{OutboxConfig, OutboxStore, PgOutbox, RedisStreamPublisher, Relay};
 use stanchion_testkit::{Node, PostgresCluster, RedisServer};
-use support::{ev, wait_drained};
+use support::{ev, manager, wait_drained};
 
 const PG_PASSWORD: &str = "pg-pw-51c7aa";
 const REDIS_PASSWORD: &str = "redis-pw-e02b9f";
-
-async fn manager(url: &str) -> redis::aio::ConnectionManager {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(0);
-    redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_never_reach_logs_errors_debug_output_or_streams() {

@@ -14,14 +14,14 @@
 
 mod support;
 
-use std::process::{Child, Command};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::AsyncCommands;
 use stanchion_ratelimit::{Limits, Quota, RateLimiter, RedisStore, Source};
 use stanchion_testkit::RedisServer;
+use stanchion_testkit::child::{self, KillOnDrop};
 
 const CHILD: &str = "STANCHION_RATELIMIT_CHILD";
 const URL: &str = "STANCHION_RATELIMIT_URL";
@@ -33,45 +33,29 @@ const END: &str = "STANCHION_RATELIMIT_END_MS";
 const RATE: u32 = 500;
 const BURST: u32 = 100;
 
-const TESTS: [&str; 2] = [
-    "four_processes_share_one_quota_with_their_deny_caches_on",
-    "a_process_killed_mid_window_leaves_the_others_within_the_quota",
-];
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = child::runtime();
     if std::env::var(CHILD).is_ok() {
+        child::exit_with_parent();
         runtime.block_on(hammer_child());
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        for t in TESTS {
-            println!("{t}: test");
-        }
-        return;
-    }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let chosen: Vec<&str> = TESTS
-        .into_iter()
-        .filter(|t| filters.is_empty() || filters.iter().any(|f| t.contains(f.as_str())))
-        .collect();
-    let server = RedisServer::start().unwrap();
-    for t in &chosen {
-        println!("test {t} ...");
-        let kill_one = *t == TESTS[1];
-        runtime.block_on(fleet(&server, kill_one));
-        println!("test {t} ... ok");
-    }
-    println!(
-        "test result: ok. {} passed; 0 failed; 0 ignored; 0 measured; {} filtered out",
-        chosen.len(),
-        TESTS.len() - chosen.len()
-    );
+    let server = OnceLock::new();
+    let server = || server.get_or_init(|| RedisServer::start().unwrap());
+    child::run_tests(&[
+        (
+            "four_processes_share_one_quota_with_their_deny_caches_on",
+            &|| {
+                runtime.block_on(fleet(server(), false));
+            },
+        ),
+        (
+            "a_process_killed_mid_window_leaves_the_others_within_the_quota",
+            &|| {
+                runtime.block_on(fleet(server(), true));
+            },
+        ),
+    ]);
 }
 
 fn unix_ms() -> u64 {
@@ -81,16 +65,6 @@ fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A child process, killed if the test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Four children hammer one key over a common two-second window; with `kill_one`, the first
 /// is killed a second in. Their admissions, reported through Redis, must fit the quota.
 async fn fleet(server: &RedisServer, kill_one: bool) {
@@ -98,17 +72,18 @@ async fn fleet(server: &RedisServer, kill_one: bool) {
     let p = support::prefix(if kill_one { "killed" } else { "fleet" });
     let start = unix_ms() + 1500; // time for the children to start and connect
     let end = start + 2000;
-    let mut children: Vec<Proc> = (0..4)
+    let (start_ms, end_ms) = (start.to_string(), end.to_string());
+    let mut children: Vec<KillOnDrop> = (0..4)
         .map(|_| {
-            Proc(
-                Command::new(std::env::current_exe().unwrap())
-                    .env(CHILD, "hammer")
-                    .env(URL, &url)
-                    .env(PREFIX, &p)
-                    .env(START, start.to_string())
-                    .env(END, end.to_string())
-                    .spawn()
-                    .unwrap(),
+            KillOnDrop(
+                child::spawn_self(&[
+                    (CHILD, "hammer"),
+                    (URL, &url),
+                    (PREFIX, &p),
+                    (START, &start_ms),
+                    (END, &end_ms),
+                ])
+                .unwrap(),
             )
         })
         .collect();
@@ -124,8 +99,8 @@ async fn fleet(server: &RedisServer, kill_one: bool) {
         if kill_one && i == 0 {
             continue;
         }
-        let status = tokio::task::block_in_place(|| c.0.wait().unwrap());
-        assert!(status.success(), "child {i} failed");
+        let status = child::exited(&mut c.0, Duration::from_secs(30)).await;
+        assert!(status.is_some_and(|s| s.success()), "child {i}: {status:?}");
     }
     let mut conn = support::manager(&url).await;
     let admitted: u64 = conn.get(format!("{p}admitted")).await.unwrap();

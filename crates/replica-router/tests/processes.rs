@@ -9,12 +9,15 @@
 //!
 //! It has its own `main` (no test harness): a child is this binary with `CHILD` set.
 
+mod support;
+
 use std::io::{BufRead, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use stanchion_replica_router::{Consistency, ReplicaRouter, Role, WriteToken};
-use stanchion_testkit::{Node, PostgresCluster};
+use stanchion_testkit::PostgresCluster;
+use stanchion_testkit::child::{self, KillOnDrop};
 
 const CHILD: &str = "STANCHION_REPLICA_ROUTER_CHILD";
 const PRIMARY: &str = "STANCHION_REPLICA_ROUTER_PRIMARY";
@@ -22,14 +25,9 @@ const R0: &str = "STANCHION_REPLICA_ROUTER_R0";
 const R1: &str = "STANCHION_REPLICA_ROUTER_R1";
 
 const WRITES: i64 = 200;
-const TEST: &str = "a_token_written_in_one_process_is_honoured_by_another";
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = child::runtime();
     if let Ok(role) = std::env::var(CHILD) {
         runtime.block_on(async {
             let router = router().await;
@@ -42,65 +40,24 @@ fn main() {
         });
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        println!("{TEST}: test");
-        return;
-    }
-    let chosen = args
-        .iter()
-        .filter(|a| !a.starts_with('-'))
-        .all(|f| TEST.contains(f.as_str()));
-    if chosen {
-        println!("test {TEST} ...");
-        a_token_written_in_one_process_is_honoured_by_another();
-        println!("test {TEST} ... ok");
-    }
-    println!(
-        "test result: ok. {} passed; 0 failed; 0 ignored; 0 measured; {} filtered out",
-        u8::from(chosen),
-        u8::from(!chosen)
-    );
+    child::run_tests(&[(
+        "a_token_written_in_one_process_is_honoured_by_another",
+        &|| runtime.block_on(a_token_written_in_one_process_is_honoured_by_another()),
+    )]);
 }
 
 /// A router over the nodes named in the environment, checking health every 100 ms.
 async fn router() -> ReplicaRouter {
     let var = |k| std::env::var(k).unwrap();
-    ReplicaRouter::builder()
-        .primary("primary", &var(PRIMARY))
-        .replica("r0", &var(R0))
-        .replica("r1", &var(R1))
-        .health_interval(Duration::from_millis(100))
-        .probe_timeout(Duration::from_millis(500))
+    support::builder_for(&var(PRIMARY), [&var(R0), &var(R1)])
         .build()
         .await
         .unwrap()
 }
 
-/// A child process, killed if the test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn a_token_written_in_one_process_is_honoured_by_another() {
+async fn a_token_written_in_one_process_is_honoured_by_another() {
     let cluster = PostgresCluster::start(2).unwrap();
-    let db = cluster.create_database().unwrap();
-    cluster
-        .sql(
-            Node::Primary,
-            &db.name,
-            "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL); \
-             INSERT INTO counters VALUES (0, 0)",
-        )
-        .unwrap();
-    for i in 0..2 {
-        cluster.wait_replayed(i, Duration::from_secs(10)).unwrap();
-    }
+    let db = support::setup(&cluster).await;
     cluster.pause_replay(0).unwrap();
     let child = |role: &str| {
         let mut c = Command::new(std::env::current_exe().unwrap());
@@ -110,9 +67,9 @@ fn a_token_written_in_one_process_is_honoured_by_another() {
             .env(R1, &db.replica_urls[1]);
         c
     };
-    let mut writer = Proc(child("writer").stdout(Stdio::piped()).spawn().unwrap());
+    let mut writer = KillOnDrop(child("writer").stdout(Stdio::piped()).spawn().unwrap());
     let tokens = writer.0.stdout.take().unwrap();
-    let mut reader = Proc(
+    let mut reader = KillOnDrop(
         child("reader")
             .stdin(Stdio::from(tokens))
             .stdout(Stdio::piped())

@@ -13,7 +13,7 @@
 //! After each: every row exactly once, on the shard the new map names, with its value.
 //! It has its own `main` (no test harness): a child is this binary with `CHILD` set.
 
-use std::process::{Child, Command};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPoolOptions;
@@ -21,6 +21,7 @@ use sqlx::{PgPool, Row};
 use stanchion_shard_router::cutover::{Cutover, CutoverError, MovedTable, guard_write, install};
 use stanchion_shard_router::{Key, RouteError, ShardMap, plan};
 use stanchion_testkit::PostgresCluster;
+use stanchion_testkit::child::{self, KillOnDrop};
 
 const CHILD: &str = "STANCHION_SHARD_ROUTER_CHILD";
 const SOURCE: &str = "STANCHION_SHARD_ROUTER_SOURCE";
@@ -28,13 +29,6 @@ const TARGET: &str = "STANCHION_SHARD_ROUTER_TARGET";
 
 const ROWS: i64 = 40_000;
 const SLOTS: u32 = 256;
-
-const TESTS: [&str; 4] = [
-    "a_cutover_killed_after_its_fence_is_finished_by_running_it_again",
-    "a_cutover_killed_while_copying_is_aborted_and_run_again",
-    "a_cutover_killed_while_copying_is_finished_by_running_it_again",
-    "a_cutover_killed_while_releasing_is_finished_by_release",
-];
 
 /// Where the cutover's process is killed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +39,9 @@ enum KillAt {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = child::runtime();
     if std::env::var(CHILD).is_ok() {
+        child::exit_with_parent();
         runtime.block_on(async {
             let (source, target) = (
                 connect(&std::env::var(SOURCE).unwrap()).await,
@@ -60,38 +51,43 @@ fn main() {
         });
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        for t in TESTS {
-            println!("{t}: test");
-        }
-        return;
-    }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let chosen: Vec<&str> = TESTS
-        .into_iter()
-        .filter(|t| filters.is_empty() || filters.iter().any(|f| t.contains(f.as_str())))
-        .collect();
-    let servers = [
-        PostgresCluster::start(0).unwrap(),
-        PostgresCluster::start(0).unwrap(),
-    ];
-    for t in &chosen {
-        println!("test {t} ...");
-        let kill_at = match *t {
-            t if t == TESTS[0] => KillAt::Fenced,
-            t if t == TESTS[3] => KillAt::Releasing,
-            _ => KillAt::Copying,
-        };
-        let abort_first = *t == TESTS[1];
-        runtime.block_on(killed_cutover(&servers, kill_at, abort_first));
-        println!("test {t} ... ok");
-    }
-    println!(
-        "test result: ok. {} passed; 0 failed; 0 ignored; 0 measured; {} filtered out",
-        chosen.len(),
-        TESTS.len() - chosen.len()
-    );
+    let servers = OnceLock::new();
+    let servers = || {
+        servers.get_or_init(|| {
+            [
+                PostgresCluster::start(0).unwrap(),
+                PostgresCluster::start(0).unwrap(),
+            ]
+        })
+    };
+    let run =
+        |kill_at, abort_first| runtime.block_on(killed_cutover(servers(), kill_at, abort_first));
+    child::run_tests(&[
+        (
+            "a_cutover_killed_after_its_fence_is_finished_by_running_it_again",
+            &|| {
+                run(KillAt::Fenced, false);
+            },
+        ),
+        (
+            "a_cutover_killed_while_copying_is_aborted_and_run_again",
+            &|| {
+                run(KillAt::Copying, true);
+            },
+        ),
+        (
+            "a_cutover_killed_while_copying_is_finished_by_running_it_again",
+            &|| {
+                run(KillAt::Copying, false);
+            },
+        ),
+        (
+            "a_cutover_killed_while_releasing_is_finished_by_release",
+            &|| {
+                run(KillAt::Releasing, false);
+            },
+        ),
+    ]);
 }
 
 async fn connect(url: &str) -> PgPool {
@@ -129,16 +125,6 @@ fn cutover(source: &PgPool, target: &PgPool) -> Cutover {
         vec![table],
     )
     .batch(500)
-}
-
-/// A child process, killed if the test fails before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
@@ -198,13 +184,13 @@ async fn killed_cutover(servers: &[PostgresCluster; 2], kill_at: KillAt, abort_f
         .find(|s| !moving.contains(s))
         .unwrap();
 
-    let mut child = Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .env(CHILD, "cutover")
-            .env(SOURCE, &dbs[0].primary_url)
-            .env(TARGET, &dbs[1].primary_url)
-            .spawn()
-            .unwrap(),
+    let mut child = KillOnDrop(
+        child::spawn_self(&[
+            (CHILD, "cutover"),
+            (SOURCE, &dbs[0].primary_url),
+            (TARGET, &dbs[1].primary_url),
+        ])
+        .unwrap(),
     );
     // Watch the databases for the step to kill it at.
     let started = Instant::now();

@@ -13,13 +13,13 @@
 
 mod support;
 
-use std::process::{Child, Command};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use stanchion_testkit::RedisServer;
+use stanchion_testkit::child::{self, KillOnDrop};
 use support::{instance, manager, prefix};
 
 /// Set in a child: its role. `URL` and `PREFIX` tell it where to work.
@@ -27,19 +27,10 @@ const CHILD: &str = "STANCHION_TIERED_CACHE_CHILD";
 const URL: &str = "STANCHION_TIERED_CACHE_URL";
 const PREFIX: &str = "STANCHION_TIERED_CACHE_PREFIX";
 
-const TESTS: [&str; 3] = [
-    "four_processes_load_once_and_see_each_others_writes",
-    "a_killed_lease_holder_blocks_nobody_past_the_wait",
-    "a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter",
-];
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = child::runtime();
     if let Ok(role) = std::env::var(CHILD) {
+        child::exit_with_parent();
         let url = std::env::var(URL).unwrap();
         let p = std::env::var(PREFIX).unwrap();
         runtime.block_on(async {
@@ -52,78 +43,32 @@ fn main() {
         });
         return;
     }
-    // The harness's arguments: `--list`, and name filters (other flags are ignored).
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        for t in TESTS {
-            println!("{t}: test");
-        }
-        return;
-    }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let chosen: Vec<&str> = TESTS
-        .into_iter()
-        .filter(|t| filters.is_empty() || filters.iter().any(|f| t.contains(f.as_str())))
-        .collect();
-    let server = RedisServer::start().unwrap();
-    for t in &chosen {
-        println!("test {t} ...");
-        runtime.block_on(async {
-            match *t {
-                "four_processes_load_once_and_see_each_others_writes" => {
-                    four_processes_load_once_and_see_each_others_writes(&server).await
-                }
-                "a_killed_lease_holder_blocks_nobody_past_the_wait" => {
-                    a_killed_lease_holder_blocks_nobody_past_the_wait(&server).await
-                }
-                _ => a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter(&server).await,
-            }
-        });
-        println!("test {t} ... ok");
-    }
-    println!(
-        "test result: ok. {} passed; 0 failed; 0 ignored; 0 measured; {} filtered out",
-        chosen.len(),
-        TESTS.len() - chosen.len()
-    );
+    let server = OnceLock::new();
+    let server = || server.get_or_init(|| RedisServer::start().unwrap());
+    child::run_tests(&[
+        (
+            "four_processes_load_once_and_see_each_others_writes",
+            &|| {
+                runtime.block_on(four_processes_load_once_and_see_each_others_writes(server()));
+            },
+        ),
+        ("a_killed_lease_holder_blocks_nobody_past_the_wait", &|| {
+            runtime.block_on(a_killed_lease_holder_blocks_nobody_past_the_wait(server()));
+        }),
+        (
+            "a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter",
+            &|| {
+                runtime.block_on(
+                    a_killed_lease_holders_lapsed_lease_is_taken_over_by_one_waiter(server()),
+                );
+            },
+        ),
+    ]);
 }
 
-/// A child process, killed if the test fails before it exits (no orphan outlives the run).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts this binary as a child in `role`.
-fn spawn(role: &str, url: &str, p: &str) -> Proc {
-    Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .env(CHILD, role)
-            .env(URL, url)
-            .env(PREFIX, p)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Waits for `child` to exit (killing it past `within`) and returns whether it succeeded.
-async fn exited_ok(Proc(child): &mut Proc, within: Duration) -> bool {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.success();
-        }
-        if started.elapsed() > within {
-            let _ = child.kill();
-            let _ = child.wait();
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Starts this binary as a child in `role` (it exits if this process goes away).
+fn spawn(role: &str, url: &str, p: &str) -> KillOnDrop {
+    KillOnDrop(child::spawn_self(&[(CHILD, role), (URL, url), (PREFIX, p)]).unwrap())
 }
 
 /// Polls the counter `key` until it reaches `n` (panics past `within`).
@@ -151,7 +96,7 @@ async fn four_processes_load_once_and_see_each_others_writes(server: &RedisServe
     let url = server.url();
     let p = prefix("procs");
     let mut conn = manager(&url).await;
-    let mut children: Vec<Proc> = (0..4).map(|_| spawn("stampede", &url, &p)).collect();
+    let mut children: Vec<KillOnDrop> = (0..4).map(|_| spawn("stampede", &url, &p)).collect();
     // Every child listens on the bus and waits for the start signal.
     counter_reaches(&mut conn, &format!("{p}ready"), 4, Duration::from_secs(30)).await;
     let _: () = conn.set(format!("{p}go"), 1).await.unwrap();
@@ -163,10 +108,8 @@ async fn four_processes_load_once_and_see_each_others_writes(server: &RedisServe
     let writer = instance(&url, &p, None).await;
     writer.insert(&1, "new".to_string()).await.unwrap();
     for c in &mut children {
-        assert!(
-            exited_ok(c, Duration::from_secs(10)).await,
-            "a child failed"
-        );
+        let status = child::exited(&mut c.0, Duration::from_secs(10)).await;
+        assert!(status.is_some_and(|s| s.success()), "a child: {status:?}");
     }
 }
 
@@ -229,7 +172,7 @@ async fn stampede_child(url: &str, p: &str) {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    println!(
+    eprintln!(
         "child {}: loader calls {}, lease waits {}, new value seen {:?} after its load",
         std::process::id(),
         calls.load(Ordering::SeqCst),

@@ -9,10 +9,15 @@ use stanchion_testkit::{Node, PostgresCluster, TestDatabase};
 
 /// A router over the primary and both replicas, checking every 100 ms.
 pub fn builder(db: &TestDatabase) -> ReplicaRouterBuilder {
+    builder_for(&db.primary_url, [&db.replica_urls[0], &db.replica_urls[1]])
+}
+
+/// The same router given the nodes' URLs (replicas named `r0`, `r1`).
+pub fn builder_for(primary: &str, replicas: [&str; 2]) -> ReplicaRouterBuilder {
     ReplicaRouter::builder()
-        .primary("primary", &db.primary_url)
-        .replica("r0", &db.replica_urls[0])
-        .replica("r1", &db.replica_urls[1])
+        .primary("primary", primary)
+        .replica("r0", replicas[0])
+        .replica("r1", replicas[1])
         .health_interval(Duration::from_millis(100))
         .probe_timeout(Duration::from_millis(500))
 }
