@@ -44,4 +44,6 @@ pub use crate::error::{Result, TestkitError};
 pub use crate::nats::NatsServer;
 pub use crate::postgres::{Node, PostgresCluster, PostgresClusterBuilder, TestDatabase};
 pub use crate::proxy::{Fault, FaultProxy};
-pub use crate::redis::{CLUSTER_SLOTS, RedisCluster, RedisServer, RedisServerBuilder};
+pub use crate::redis::{
+    CLUSTER_SLOTS, RedisCluster, RedisServer, RedisServerBuilder, connection_manager,
+};

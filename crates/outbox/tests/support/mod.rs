@@ -527,12 +527,5 @@ pub async fn a_long_turn_keeps_its_lanes<D: Db>(db: D) {
 
 /// A Redis connection that gives up quickly (no retries), as a relay's publisher should.
 pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(0);
-    redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap()
+    stanchion_testkit::connection_manager(url).await.unwrap()
 }

@@ -15,13 +15,7 @@ pub fn prefix(test: &str) -> String {
 }
 
 pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_millis(200)))
-        .set_number_of_retries(0);
-    redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap()
+    stanchion_testkit::connection_manager(url).await.unwrap()
 }
 
 /// Counters shared by every clone of a [`Watched`] connection.

@@ -24,14 +24,7 @@ pub fn prefix(test: &str) -> String {
 
 /// A connection manager that gives up quickly, as a cache's should.
 pub async fn manager(url: &str) -> redis::aio::ConnectionManager {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(0);
-    redis::aio::ConnectionManager::new_with_config(client, config)
-        .await
-        .unwrap()
+    stanchion_testkit::connection_manager(url).await.unwrap()
 }
 
 /// A Redis store with its bus, for one instance.
