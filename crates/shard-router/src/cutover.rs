@@ -80,10 +80,23 @@ pub enum CutoverError {
     },
 }
 
+/// Runs `ddl` (a `CREATE TABLE IF NOT EXISTS`) under a transaction-scoped advisory lock, so
+/// that processes creating the table at once (a fleet starting) wait for each other: run
+/// concurrently, `IF NOT EXISTS` can still fail with "already exists".
+pub(crate) async fn create_table(pool: &PgPool, ddl: &'static str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('stanchion_shard_router:ddl'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(ddl).execute(&mut *tx).await?;
+    tx.commit().await
+}
+
 /// Creates the ownership table and records `slots` as owned by this database at `version`
-/// (for a new deployment; a cutover records moves itself).
+/// (for a new deployment; a cutover records moves itself). Safe to run from many processes at
+/// once: the table is created under an advisory lock.
 pub async fn install(pool: &PgPool, slots: &[u32], version: u64) -> Result<(), CutoverError> {
-    sqlx::query(OWNER_TABLE_SQL).execute(pool).await?;
+    create_table(pool, OWNER_TABLE_SQL).await?;
     sqlx::query(
         "INSERT INTO stanchion_slot_owner (slot, state, version)
          SELECT s, 'owned', $2 FROM unnest($1::integer[]) AS s
@@ -239,7 +252,7 @@ impl Cutover {
             });
         }
         // 1. prepare
-        sqlx::query(OWNER_TABLE_SQL).execute(&self.target).await?;
+        create_table(&self.target, OWNER_TABLE_SQL).await?;
         // A run that stopped inside its switch (the target took the slots, the source still
         // has them fenced) is finished from there: the target may already hold writes made
         // under the new map, which a new copy from the fenced source would undo. (A source

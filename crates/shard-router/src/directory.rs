@@ -113,9 +113,10 @@ impl Directory {
         })
     }
 
-    /// Creates the table if it is missing.
+    /// Creates the table if it is missing. Every process may call it as it starts, all at
+    /// once: the creation runs under an advisory lock.
     pub async fn install(&self) -> Result<(), DirectoryError> {
-        sqlx::query(DIRECTORY_TABLE_SQL).execute(&self.pool).await?;
+        crate::cutover::create_table(&self.pool, DIRECTORY_TABLE_SQL).await?;
         Ok(())
     }
 

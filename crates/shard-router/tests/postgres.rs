@@ -598,6 +598,52 @@ async fn running_a_cutover_again_after_its_switch_began_keeps_the_targets_writes
     assert_eq!(moved, 100, "copied, not assumed");
 }
 
+/// Every process of a fleet installs the directory and ownership tables when it starts: all
+/// at once, on a fresh database, each install succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_processes_installing_the_tables_at_once_all_succeed() {
+    use stanchion_shard_router::directory::Directory;
+    let cluster = PostgresCluster::start(0).unwrap();
+    for _ in 0..5 {
+        let db = cluster.create_database().unwrap();
+        let mut pools = Vec::new();
+        for _ in 0..8 {
+            pools.push(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&db.primary_url)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let barrier = Arc::new(tokio::sync::Barrier::new(pools.len()));
+        let tasks: Vec<_> = pools
+            .into_iter()
+            .map(|pool| {
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    let dir = Directory::new(
+                        pool.clone(),
+                        10,
+                        Duration::from_secs(60),
+                        Duration::from_secs(60),
+                    )
+                    .unwrap();
+                    barrier.wait().await;
+                    let directory = dir.install().await.map_err(|e| e.to_string());
+                    let owners = install(&pool, &[1, 2], 1).await.map_err(|e| e.to_string());
+                    (directory, owners)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (directory, owners) = t.await.unwrap();
+            assert!(directory.is_ok(), "{directory:?}");
+            assert!(owners.is_ok(), "{owners:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_directory_pins_keys_from_a_table_and_caches_hits_and_misses_within_bounds() {
     use stanchion_shard_router::directory::{Directory, DirectoryError};
