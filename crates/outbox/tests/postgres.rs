@@ -612,3 +612,38 @@ async fn a_stopped_relay_gives_its_lanes_back() {
         .unwrap();
     assert!(owners.iter().all(Option::is_none), "{owners:?}");
 }
+
+/// Every process of a fleet migrates when it starts: eight at once on a fresh database, three
+/// times over, all succeed (the schema is created under an advisory lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_processes_migrating_at_once_all_succeed() {
+    for _ in 0..3 {
+        let db = cluster().create_database().unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&db.primary_url)
+                .await
+                .unwrap();
+            let barrier = Arc::clone(&barrier);
+            tasks.push(tokio::spawn(async move {
+                let store = PgOutbox::new(
+                    pool,
+                    OutboxConfig::builder()
+                        .namespace("shop")
+                        .lanes(16)
+                        .build()
+                        .unwrap(),
+                );
+                barrier.wait().await;
+                store.migrate().await.map_err(|e| e.to_string())
+            }));
+        }
+        for t in tasks {
+            let migrated = t.await.unwrap();
+            assert!(migrated.is_ok(), "{migrated:?}");
+        }
+    }
+}

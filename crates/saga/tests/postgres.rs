@@ -735,3 +735,31 @@ async fn a_parallel_group_runs_its_branches_at_once_and_compensates_all_of_them(
     );
     second.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Every process of a fleet migrates when it starts: eight at once on a fresh database, three
+/// times over, all succeed (the schema is created under an advisory lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_processes_migrating_at_once_all_succeed() {
+    for _ in 0..3 {
+        let db = cluster().create_database().unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&db.primary_url)
+                .await
+                .unwrap();
+            let barrier = Arc::clone(&barrier);
+            tasks.push(tokio::spawn(async move {
+                let store = PgSagaLog::new(pool, "shop").unwrap();
+                barrier.wait().await;
+                store.migrate().await.map_err(|e| e.to_string())
+            }));
+        }
+        for t in tasks {
+            let migrated = t.await.unwrap();
+            assert!(migrated.is_ok(), "{migrated:?}");
+        }
+    }
+}
