@@ -1673,15 +1673,9 @@ where
                     if until == deadline {
                         break false;
                     }
-                    let now = self.clock.now_ms();
-                    if let Ok((expect, Some(e))) = self.read_l2(skey, now).await
-                        && now < e.times.expires_at
-                    {
-                        // The value came and its message did not.
-                        found.expect = expect;
-                        count!(self, l2_hits);
-                        self.l1_put(key, &e, epoch);
-                        return Ok(e.value);
+                    // The value may have come without its message.
+                    if let Some(value) = self.peer_value(key, skey, epoch, &mut found).await {
+                        return Ok(value);
                     }
                     match self.l2(self.store.try_lease(&lkey, token, ttl)).await {
                         Ok(true) => {
@@ -1699,16 +1693,8 @@ where
                     }
                 };
                 if woke {
-                    let now = self.clock.now_ms();
-                    if let Ok((expect, entry)) = self.read_l2(skey, now).await {
-                        found.expect = expect;
-                        if let Some(e) = entry
-                            && now < e.times.expires_at
-                        {
-                            count!(self, l2_hits);
-                            self.l1_put(key, &e, epoch);
-                            return Ok(e.value);
-                        }
+                    if let Some(value) = self.peer_value(key, skey, epoch, &mut found).await {
+                        return Ok(value);
                     }
                     if waiter.failed.load(Ordering::Acquire) {
                         // The holder's loader failed moments ago: report that rather than
@@ -1717,7 +1703,7 @@ where
                         return match found.fallback {
                             Some(e) if now < self.policy.stale_until(&e.times) => {
                                 count!(self, stale_served);
-                                Ok(e.value.clone())
+                                Ok(e.value)
                             }
                             _ => Err(CacheError::PeerLoadFailed),
                         };
@@ -1733,6 +1719,24 @@ where
                 self.load_and_store(key, loader, found, epoch).await
             }
         }
+    }
+
+    /// The value another instance stored in L2 under `skey`, if it is there and not expired
+    /// (counted as an L2 hit and put in L1). Records what L2 held in `found` for the write-back.
+    async fn peer_value(
+        &self,
+        key: &K,
+        skey: &String,
+        epoch: u64,
+        found: &mut Found<V>,
+    ) -> Option<Option<V>> {
+        let now = self.clock.now_ms();
+        let (expect, entry) = self.read_l2(skey, now).await.ok()?;
+        found.expect = expect;
+        let e = entry.filter(|e| now < e.times.expires_at)?;
+        count!(self, l2_hits);
+        self.l1_put(key, &e, epoch);
+        Some(e.value)
     }
 
     /// Loads as the holder of the lease `lkey` (taken with `token`): the load, then the
