@@ -80,6 +80,31 @@ pub enum CutoverError {
     },
 }
 
+/// How many of a cutover's slots one database records in each state, at each version.
+struct SlotStates(Vec<(String, i64, i64)>);
+
+impl SlotStates {
+    async fn read(pool: &PgPool, slots: &[i32]) -> Result<Self, CutoverError> {
+        let rows = sqlx::query_as(
+            "SELECT state, version, count(*) FROM stanchion_slot_owner
+             WHERE slot = ANY($1) GROUP BY state, version",
+        )
+        .bind(slots)
+        .fetch_all(pool)
+        .await?;
+        Ok(Self(rows))
+    }
+
+    /// Slots in `state` (at `version`, if given).
+    fn count(&self, state: &str, version: Option<i64>) -> usize {
+        self.0
+            .iter()
+            .filter(|(s, v, _)| s == state && version.is_none_or(|want| *v == want))
+            .map(|(_, _, n)| usize::try_from(*n).unwrap_or(0))
+            .sum()
+    }
+}
+
 /// Runs `ddl` (a `CREATE TABLE IF NOT EXISTS`) under a transaction-scoped advisory lock, so
 /// that processes creating the table at once (a fleet starting) wait for each other: run
 /// concurrently, `IF NOT EXISTS` can still fail with "already exists".
@@ -230,25 +255,25 @@ impl Cutover {
         let started = Instant::now();
         let mut report = CutoverReport::default();
         let slots = slot_array(&self.slots);
+        let all = self.slots.len();
+        let new = version_i64(self.version);
+        let source = SlotStates::read(&self.source, &slots).await?;
         // Owned, or fenced by an earlier run of a cutover that stopped before its switch (its
         // process died): running again picks up from there.
-        let held = self
-            .count(&self.source, &slots, "state IN ('owned', 'fenced')")
-            .await?;
-        if held != self.slots.len() {
+        let held = source.count("owned", None) + source.count("fenced", None);
+        if held != all {
             // An earlier run that got through its switch and stopped while releasing: only
             // the release is left.
-            let moved = self
-                .count(&self.source, &slots, "state = 'moved' AND version = $2")
-                .await?;
-            if moved == self.slots.len() && self.target_owns(&slots).await.unwrap_or(false) {
+            if source.count("moved", Some(new)) == all
+                && self.target_owns(&slots).await.unwrap_or(false)
+            {
                 report.released = self.release().await?;
                 report.total = started.elapsed();
                 return Ok(report);
             }
             return Err(CutoverError::NotOwner {
                 owned: held,
-                asked: self.slots.len(),
+                asked: all,
             });
         }
         // 1. prepare
@@ -257,9 +282,7 @@ impl Cutover {
         // has them fenced) is finished from there: the target may already hold writes made
         // under the new map, which a new copy from the fenced source would undo. (A source
         // that still *owns* them goes through every step, whatever the target claims.)
-        if self.count(&self.source, &slots, "state = 'fenced'").await? == self.slots.len()
-            && self.target_owns(&slots).await?
-        {
+        if source.count("fenced", None) == all && self.target_owns(&slots).await? {
             tracing::warn!(
                 shard.slots = self.slots.len(),
                 shard.version = self.version,
@@ -326,32 +349,10 @@ impl Cutover {
         Ok(report)
     }
 
-    /// How many of `slots` are in `state` (a condition that may use `$2`, the new version)
-    /// in `pool`'s ownership table.
-    async fn count(
-        &self,
-        pool: &PgPool,
-        slots: &[i32],
-        state: &'static str,
-    ) -> Result<usize, CutoverError> {
-        // `$2` is always bound; the last term gives it a type when `state` does not use it.
-        let sql = format!(
-            "SELECT count(*) FROM stanchion_slot_owner WHERE slot = ANY($1) AND {state} AND $2::bigint IS NOT NULL"
-        );
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(slots)
-            .bind(version_i64(self.version))
-            .fetch_one(pool)
-            .await?;
-        Ok(usize::try_from(n).unwrap_or(0))
-    }
-
     /// Whether the target owns every slot at the new version (its half of the switch is done).
     async fn target_owns(&self, slots: &[i32]) -> Result<bool, CutoverError> {
-        let owned = self
-            .count(&self.target, slots, "state = 'owned' AND version = $2")
-            .await?;
-        Ok(owned == self.slots.len())
+        let target = SlotStates::read(&self.target, slots).await?;
+        Ok(target.count("owned", Some(version_i64(self.version))) == self.slots.len())
     }
 
     /// The source's half of the switch: the slots are marked moved at the new version.
